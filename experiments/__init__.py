@@ -1,0 +1,1 @@
+"""Experiment entry points (thin absl mains) and benchmarks; logic lives in `jaxsun`."""

@@ -1,0 +1,26 @@
+"""jaxsun: decoders with separable prefill/decode parameter trees, in JAX/Flax NNX.
+
+The public surface of the core:
+
+    ModelConfig, Decoder, Mode          the model and its execution modes
+    KVCache                             the explicit cache pytree
+    SplitModel, split_forward, ...      one graphdef, a prefill tree and a decode tree
+    generate, SamplingConfig            generation through the split
+"""
+
+from jaxsun.config import PRESETS, ModelConfig
+from jaxsun.generation import GenerateOutput, SamplingConfig, decode_step, generate, prefill
+from jaxsun.kv_cache import KVCache, LayerCache
+from jaxsun.nn import Decoder, Mode
+from jaxsun.split import (LAST_PROMPT_TOKEN, TRAINABILITY, SplitModel, apply_updates,
+                          make_optimizer, make_train_step, next_token_loss, param_labels,
+                          split_forward)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS", "ModelConfig", "Decoder", "Mode", "KVCache", "LayerCache", "SplitModel",
+    "split_forward", "next_token_loss", "param_labels", "make_optimizer", "apply_updates",
+    "make_train_step", "TRAINABILITY", "LAST_PROMPT_TOKEN", "generate", "prefill",
+    "decode_step", "SamplingConfig", "GenerateOutput",
+]

@@ -1,0 +1,166 @@
+"""`ModelConfig`: the frozen, validated description of a jaxsun decoder, and presets.
+
+A config is hashable (it is static under `jax.jit`) and validated on construction, so a
+bad value fails where it is written, with the field named in the message, e.g.
+`ModelConfig.preset("tiny", n_kv_heads=3)` raises "ModelConfig.n_heads=4 must be
+divisible by ModelConfig.n_kv_heads=3".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama-style decoder: pre-norm RMSNorm blocks, RoPE, GQA, SwiGLU, final norm.
+
+  Attributes:
+    vocab_size: number of token ids; inputs must lie in `[0, vocab_size)`.
+    d_model: residual stream width.
+    n_layers: number of transformer blocks.
+    n_heads: query heads per block.
+    n_kv_heads: key/value heads (grouped-query attention); must divide `n_heads`.
+    d_ff: hidden width of the SwiGLU MLP.
+    max_len: longest sequence (prompt + generated) the model accepts.
+    head_dim: per-head width; `None` means `d_model // n_heads`. Must be even (RoPE).
+    rope_theta: RoPE base frequency (10_000 classic Llama, 500_000 for Llama 3).
+    norm_eps: RMSNorm epsilon.
+    tie_embeddings: the LM head reuses the token embedding matrix.
+    param_dtype: dtype the parameters are stored in.
+    compute_dtype: dtype of matmul inputs; norms, softmax and logits are float32.
+    attention: attention kind, a key of `jaxsun.nn.attention.ATTENTION_KINDS`.
+    init_std: standard deviation of the normal initialiser of weight matrices.
+    name: a label (the preset's name), informational only.
+  """
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  d_ff: int
+  max_len: int
+  head_dim: int | None = None
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  attention: str = "softmax"
+  init_std: float = 0.02
+  name: str = "custom"
+
+  def __post_init__(self):
+    for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                  "max_len"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"ModelConfig.{field}={value!r} must be a positive integer.")
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(
+          f"ModelConfig.n_heads={self.n_heads} must be divisible by "
+          f"ModelConfig.n_kv_heads={self.n_kv_heads} (grouped-query attention).")
+    if self.head_dim is None:
+      if self.d_model % self.n_heads:
+        raise ValueError(
+            f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+            "set ModelConfig.head_dim explicitly.")
+      object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+    if isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) \
+        or self.head_dim <= 0 or self.head_dim % 2:
+      raise ValueError(f"ModelConfig.head_dim={self.head_dim!r} must be a positive even "
+                       "integer (RoPE rotates pairs of channels).")
+    if not self.rope_theta > 0:
+      raise ValueError(f"ModelConfig.rope_theta={self.rope_theta!r} must be > 0.")
+    if not self.norm_eps > 0:
+      raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0.")
+    if not self.init_std > 0:
+      raise ValueError(f"ModelConfig.init_std={self.init_std!r} must be > 0.")
+    for field in ("param_dtype", "compute_dtype"):
+      if getattr(self, field) not in DTYPES:
+        raise ValueError(
+            f"ModelConfig.{field}={getattr(self, field)!r} is not one of {DTYPES}.")
+    from jaxsun.nn import attention  # pylint: disable=g-import-not-at-top  (registry)
+    if self.attention not in attention.ATTENTION_KINDS:
+      raise ValueError(
+          f"ModelConfig.attention={self.attention!r} is unknown; registered kinds: "
+          f"{sorted(attention.ATTENTION_KINDS)}.")
+
+  @property
+  def params_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def dtype(self) -> jnp.dtype:
+    """The compute dtype as a numpy dtype."""
+    return jnp.dtype(self.compute_dtype)
+
+  @property
+  def q_dim(self) -> int:
+    return self.n_heads * self.head_dim
+
+  @property
+  def kv_dim(self) -> int:
+    return self.n_kv_heads * self.head_dim
+
+  def replace(self, **changes: Any) -> ModelConfig:
+    """A copy with `changes` applied (and validated again)."""
+    if "head_dim" not in changes and ("d_model" in changes or "n_heads" in changes):
+      changes["head_dim"] = None  # re-derive
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+    """A named preset (see `PRESETS`), with optional field overrides."""
+    if name not in PRESETS:
+      raise ValueError(f"unknown ModelConfig preset {name!r}; available: {sorted(PRESETS)}.")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+  def num_params(self) -> int:
+    """Parameter count from the formula (tests check it against the built model)."""
+    d = self.d_model
+    attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d
+    mlp = 3 * d * self.d_ff
+    block = attn + mlp + 2 * d  # two RMSNorm scales
+    head = 0 if self.tie_embeddings else d * self.vocab_size
+    return self.vocab_size * d + self.n_layers * block + d + head
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward, PaLM appendix B style).
+
+    6 * (non-embedding matmul params + LM head) plus the attention score/value matmuls,
+    `12 * n_layers * seq_len * q_dim` for a full (non-causal-discounted) context.
+    """
+    d = self.d_model
+    attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d
+    matmul_params = self.n_layers * (attn + 3 * d * self.d_ff) + d * self.vocab_size
+    return 6.0 * matmul_params + 12.0 * self.n_layers * seq_len * self.q_dim
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # For unit tests: tiny enough to compile in a second on CPU.
+    "tiny": ModelConfig(name="tiny", vocab_size=128, d_model=64, n_layers=2, n_heads=4,
+                        n_kv_heads=2, d_ff=128, max_len=64),
+    # ~10.5M parameters, for the shipped-corpus experiments (4k BPE vocabulary).
+    "10m": ModelConfig(name="10m", vocab_size=4096, d_model=256, n_layers=12, n_heads=8,
+                       n_kv_heads=4, d_ff=768, max_len=512),
+    # ~124M parameters (GPT-2-small scale), 32k vocabulary.
+    "125m": ModelConfig(name="125m", vocab_size=32768, d_model=768, n_layers=12,
+                        n_heads=12, n_kv_heads=4, d_ff=2560, max_len=2048),
+    # Shapes of Meta's Llama 3.2 1B / Llama 3.1 8B (for benchmarks and weight import).
+    # Llama 3's long-context RoPE frequency scaling is not applied.
+    "llama-3.2-1b": ModelConfig(name="llama-3.2-1b", vocab_size=128256, d_model=2048,
+                                n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                                max_len=131072, rope_theta=500_000.0, tie_embeddings=True,
+                                param_dtype="bfloat16", compute_dtype="bfloat16"),
+    "llama-3.1-8b": ModelConfig(name="llama-3.1-8b", vocab_size=128256, d_model=4096,
+                                n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                                max_len=131072, rope_theta=500_000.0, tie_embeddings=False,
+                                param_dtype="bfloat16", compute_dtype="bfloat16"),
+}

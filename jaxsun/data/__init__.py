@@ -1,0 +1,1 @@
+"""Data: synthetic tasks (here), tokenizers, TFDS builders and grain pipelines."""

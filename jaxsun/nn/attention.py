@@ -1,0 +1,165 @@
+"""Grouped-query attention with RoPE and a pluggable scoring rule.
+
+`Attention` owns the projections, RoPE, the KV-cache write and the mask; the rule that
+turns (q, keys, values, mask) into an output lives in `Attention.attend`, which a variant
+overrides. A variant may add parameters in `__init__` (e.g. a per-head gate) and
+per-sequence cache state in `init_state` (e.g. a running sum of V), without any change to
+the transformer block:
+
+    @register_attention("my_variant")
+    class MyAttention(Attention):
+      def __init__(self, cfg, *, rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.gate = layers.param(rngs, (cfg.n_heads,), ("heads_only",), ...)
+      def attend(self, ctx):
+        out, state = super().attend(ctx)
+        return out * self.gate[...][:, None], state
+
+`ModelConfig.attention` picks the class by its registered name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsun import kv_cache
+from jaxsun.nn import layers
+
+ATTENTION_KINDS: dict[str, type[Attention]] = {}
+
+# Masked scores are set to this finite value (not -inf) so that a row with no visible
+# key (a padding query) gives a finite, ignorable output instead of NaN.
+MASK_VALUE = -1e30
+
+
+def register_attention(name: str) -> Callable[[type[Attention]], type[Attention]]:
+  """Class decorator registering an attention variant under `name`."""
+
+  def deco(cls):
+    if name in ATTENTION_KINDS and ATTENTION_KINDS[name] is not cls:
+      raise ValueError(f"attention kind {name!r} is already registered")
+    ATTENTION_KINDS[name] = cls
+    cls.kind = name
+    return cls
+
+  return deco
+
+
+@dataclasses.dataclass(frozen=True)
+class AttendInputs:
+  """Everything a scoring rule may need, in one place (shapes for B, T, S, heads).
+
+  Attributes:
+    q: [B, T, Hkv, G, hd] queries after RoPE, grouped by their KV head (G = H / Hkv).
+    k: [B, S, Hkv, hd] keys visible to the call (the cache after the write, or the
+      fresh keys in train mode).
+    v: [B, S, Hkv, hd] values, same layout.
+    mask: bool[B, T, S] True where query t may attend to key s.
+    x: [B, T, D] the block input (normalised), for input-dependent variants.
+    positions: i32[B, T] absolute query positions.
+    state: the variant's per-sequence cache state ({} in train mode).
+  """
+
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+  x: jax.Array
+  positions: jax.Array
+  state: dict[str, jax.Array]
+
+
+class Attention(nnx.Module):
+  """Softmax attention: softmax(q k^T / sqrt(hd)) v, with GQA and RoPE."""
+
+  kind = "softmax"
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.rope_theta = cfg.rope_theta
+    self.dtype = cfg.dtype
+    kw = dict(std=cfg.init_std, param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs)
+    self.q_proj = layers.Linear(cfg.d_model, cfg.q_dim, ("embed", "heads"), **kw)
+    self.k_proj = layers.Linear(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
+    self.v_proj = layers.Linear(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
+    self.o_proj = layers.Linear(cfg.q_dim, cfg.d_model, ("heads", "embed"), **kw)
+
+  def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
+    """Per-sequence cache state of this variant (none for softmax)."""
+    del batch, max_len
+    return {}
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *,
+               cache: kv_cache.LayerCache | None = None,
+               lengths: jax.Array | None = None,
+               segment_ids: jax.Array | None = None):
+    """Attention over fresh tokens, optionally through a KV cache.
+
+    Args:
+      x: [B, T, D] normalised block input.
+      positions: i32[B, T] absolute positions; with a cache, row b must hold
+        `start[b] + arange(T)` and `start[b] + T <= max_len`.
+      cache: this layer's cache, or None (train mode: attend among the T tokens).
+      lengths: i32[B] valid slots of the cache before this call (never overwritten).
+      segment_ids: i32[B, T] optional, train mode only: tokens attend within a segment.
+
+    Returns:
+      (out [B, T, D], updated LayerCache or None).
+    """
+    b, t, _ = x.shape
+    q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    q = layers.apply_rope(q, positions, self.rope_theta)
+    k = layers.apply_rope(k, positions, self.rope_theta)
+    q = q.reshape(b, t, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
+
+    if cache is None:
+      mask = positions[:, None, :] <= positions[:, :, None]  # bool[B, T, T]
+      if segment_ids is not None:
+        mask &= segment_ids[:, None, :] == segment_ids[:, :, None]
+      keys, values, state, new_cache = k, v, {}, None
+    else:
+      start = positions[:, 0]
+      keys = kv_cache.write_kv(cache.k, k, start, lengths)
+      values = kv_cache.write_kv(cache.v, v, start, lengths)
+      slots = jnp.arange(keys.shape[1])
+      mask = slots[None, None, :] <= positions[:, :, None]  # bool[B, T, S]
+      state = cache.state
+    out, state = self.attend(AttendInputs(q=q, k=keys, v=values, mask=mask, x=x,
+                                          positions=positions, state=state))
+    if cache is not None:
+      new_cache = kv_cache.LayerCache(k=keys, v=values, state=state)
+    return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), new_cache
+
+  def attend(self, a: AttendInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The scoring rule. Returns (out [B, T, Hkv, G, hd] in compute dtype, new state)."""
+    probs = softmax_probs(a.q, a.k, a.mask)  # f32[B, Hkv, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(self.dtype), a.v.astype(self.dtype),
+                     preferred_element_type=jnp.float32)
+    return out.astype(self.dtype), a.state
+
+
+def softmax_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(hd)) with masking, in float32.
+
+  Args:
+    q: [B, T, Hkv, G, hd].
+    k: [B, S, Hkv, hd].
+    mask: bool[B, T, S].
+
+  Returns:
+    f32[B, Hkv, G, T, S] attention probabilities.
+  """
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                      preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+  scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+  return jax.nn.softmax(scores, axis=-1)
+
+
+register_attention("softmax")(Attention)

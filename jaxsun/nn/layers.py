@@ -1,0 +1,105 @@
+"""Basic layers: `Linear`, `Embedding`, `RMSNorm`, `SwiGLU` and rotary embeddings.
+
+Every parameter carries its *logical* axis names as `out_sharding` metadata (e.g.
+`("embed", "mlp")`); `jaxsun.parallel` maps those names onto a device mesh. Eager
+sharding is off, so modules are built the same way with or without a mesh.
+
+Weights are stored in `param_dtype` and cast to the compute dtype at use; norms, RoPE
+and everything statistical run in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
+          dtype, std: float | None = None, value: float | None = None) -> nnx.Param:
+  """A `nnx.Param` initialised N(0, std^2) (or to a constant), tagged with logical axes."""
+  if len(axes) != len(shape):
+    raise ValueError(f"logical axes {axes} do not match parameter shape {shape}")
+  if value is not None:
+    init = jnp.full(shape, value, dtype)
+  else:
+    init = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(init, out_sharding=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """y = x @ W without bias; W is f[in, out]. The unit that quantized layers replace."""
+
+  def __init__(self, in_features: int, out_features: int, axes: tuple[str, str], *,
+               std: float, param_dtype, dtype, rngs: nnx.Rngs):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = jnp.dtype(dtype)
+    self.kernel = param(rngs, (in_features, out_features), axes, dtype=param_dtype, std=std)
+
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:  # [..., in] -> [..., out]
+    out_dtype = self.dtype if out_dtype is None else out_dtype
+    return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                   preferred_element_type=out_dtype)
+
+
+class Embedding(nnx.Module):
+  """Token embedding table f[vocab, d]; `attend` is the tied LM head."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, std: float, param_dtype, dtype,
+               rngs: nnx.Rngs):
+    self.dtype = jnp.dtype(dtype)
+    self.embedding = param(rngs, (vocab_size, d_model), ("vocab", "embed"),
+                           dtype=param_dtype, std=std)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:  # i32[B, T] -> [B, T, D]
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:  # [B, T, D] -> f32[B, T, V]
+    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T,
+                   preferred_element_type=jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32, returned in `dtype`."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, dtype):
+    self.eps, self.dtype = eps, jnp.dtype(dtype)
+    self.scale = param(None, (dim,), ("norm",), dtype=param_dtype, value=1.0)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (x32 * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class SwiGLU(nnx.Module):
+  """down(silu(gate(x)) * up(x)), the Llama MLP."""
+
+  def __init__(self, d_model: int, d_ff: int, *, std: float, param_dtype, dtype,
+               rngs: nnx.Rngs):
+    kw = dict(std=std, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+    self.gate_proj = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
+    self.up_proj = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
+    self.down_proj = Linear(d_ff, d_model, ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, "rotate-half" layout (as in Llama / Hugging Face).
+
+  Args:
+    x: [B, T, H, hd] queries or keys.
+    positions: i32[B, T] absolute positions.
+    theta: base frequency.
+
+  Returns:
+    [B, T, H, hd] in x's dtype, computed in float32.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # f32[hd/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # f32[B, T, hd/2]
+  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)

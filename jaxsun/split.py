@@ -1,0 +1,253 @@
+"""The prefill/decode split: one graph definition, a prefill tree and a decode tree.
+
+    SplitModel = (graphdef, prefill: State, decode: State)
+
+* The **prefill tree** turns prompt tokens into a KV cache; the **decode tree** consumes
+  that cache and generates. Both are complete parameter sets of the same architecture
+  (the split is by phase, not by depth).
+* A base model is *tied*: one tree serves both phases (`decode is None`), so nothing is
+  copied. `untie()` gives two tree slots that still share the same arrays until an
+  optimizer update replaces the trainable one.
+* SUN trains the prefill tree (`trainability="prefill"`) while one frozen decode tree is
+  shared by every task; PrefillShare trains the decode tree (`"decode"`) against a frozen,
+  shared prefill tree and its KV cache; `"both"` is full fine-tuning; `"none"` freezes all.
+
+`split_forward` is the one function that decides which tree runs each position; it is the
+teacher-forced training forward (gradients reach the prefill tree through the KV cache)
+and agrees with `jaxsun.generate` (prefill, then decode steps), which tests check.
+
+Which tree processes the **last prompt token**, and so emits the first output token, is
+`SplitModel.last_prompt_token`:
+  * `"prefill"` (default): the prefill tree runs the whole prompt; its logits at the last
+    prompt position give the first output token.
+  * `"decode"`: the prefill tree runs the prompt minus its last token; the decode tree
+    runs the last prompt token (attending to the prefill cache) and emits the first output.
+    This lets a task-specific decode tree choose the first token (PrefillShare).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from flax import struct
+
+from jaxsun import validation
+from jaxsun.config import ModelConfig
+from jaxsun.nn.decoder import Decoder, Mode
+
+TRAINABILITY = ("prefill", "decode", "both", "none")
+LAST_PROMPT_TOKEN = ("prefill", "decode")
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+
+@struct.dataclass
+class SplitModel:
+  """A decoder as (graphdef, prefill tree, decode tree). A pytree of the two trees.
+
+  Attributes:
+    graphdef: the static NNX graph definition shared by both trees.
+    prefill: `nnx.State` of the module that processes prompts.
+    decode: `nnx.State` of the module that generates, or None when tied to `prefill`.
+    last_prompt_token: "prefill" or "decode", the tree that runs the last prompt token.
+  """
+
+  graphdef: Any = struct.field(pytree_node=False)
+  prefill: nnx.State
+  decode: nnx.State | None = None
+  last_prompt_token: str = struct.field(pytree_node=False, default="prefill")
+
+  def __post_init__(self):
+    if self.last_prompt_token not in LAST_PROMPT_TOKEN:
+      raise ValueError(f"last_prompt_token={self.last_prompt_token!r} is not one of "
+                       f"{LAST_PROMPT_TOKEN}")
+
+  @classmethod
+  def from_model(cls, model: Decoder, *, last_prompt_token: str = "prefill") -> SplitModel:
+    """A tied split of a base model: one tree serves prefill and decode."""
+    if not isinstance(model, Decoder):
+      raise TypeError(f"model must be a jaxsun Decoder, got {type(model).__name__}")
+    graphdef, state = nnx.split(model)
+    return cls(graphdef=graphdef, prefill=state, decode=None,
+               last_prompt_token=last_prompt_token)
+
+  @classmethod
+  def from_models(cls, prefill_model: Decoder, decode_model: Decoder, *,
+                  last_prompt_token: str = "prefill") -> SplitModel:
+    """An untied split from two decoders of the same architecture."""
+    gd_p, st_p = nnx.split(prefill_model)
+    gd_d, st_d = nnx.split(decode_model)
+    if gd_p != gd_d:
+      raise ValueError("prefill_model and decode_model must have the same architecture "
+                       f"(configs {prefill_model.cfg} vs {decode_model.cfg})")
+    return cls(graphdef=gd_p, prefill=st_p, decode=st_d, last_prompt_token=last_prompt_token)
+
+  @property
+  def tied(self) -> bool:
+    return self.decode is None
+
+  @property
+  def decode_state(self) -> nnx.State:
+    """The decode tree (the prefill tree itself when tied)."""
+    return self.prefill if self.decode is None else self.decode
+
+  @property
+  def cfg(self) -> ModelConfig:
+    return self.prefill_module().cfg
+
+  def untie(self) -> SplitModel:
+    """Two tree slots holding the same arrays (no copy), ready to diverge in training."""
+    return self if not self.tied else self.replace(decode=self.prefill)
+
+  def with_last_prompt_token(self, which: str) -> SplitModel:
+    return self.replace(last_prompt_token=which)
+
+  def prefill_module(self) -> Decoder:
+    return nnx.merge(self.graphdef, self.prefill)
+
+  def decode_module(self) -> Decoder:
+    return nnx.merge(self.graphdef, self.decode_state)
+
+
+def prefill_lengths(split: SplitModel, prompt_lengths: jax.Array) -> jax.Array:
+  """How many prompt positions the prefill tree processes (the rest go to decode)."""
+  return prompt_lengths - (1 if split.last_prompt_token == "decode" else 0)
+
+
+def split_forward(split: SplitModel, tokens: jax.Array, boundary: jax.Array, *,
+                  return_cache: bool = False):
+  """Teacher-forced forward of (prompt, continuation) sequences through the split.
+
+  Row b is `tokens[b, :boundary[b]]` (prompt) followed by the continuation. Positions
+  before the prefill boundary (`boundary`, or `boundary - 1` when
+  `last_prompt_token == "decode"`) run through the prefill tree and fill the KV cache;
+  the remaining positions run through the decode tree and attend to that cache plus
+  their own causal keys. Padding after a continuation is harmless (causal).
+
+  Args:
+    split: the model.
+    tokens: i32[B, S] token ids, S <= max_len.
+    boundary: i32[B] prompt lengths, 1 <= boundary <= S.
+    return_cache: also return the KV cache of all S positions (prefill-tree entries
+      below the prefill boundary, decode-tree entries from it on).
+
+  Returns:
+    f32[B, S, V] logits (position t predicts token t + 1), and the cache if asked.
+  """
+  cfg = split.cfg
+  validation.check_tokens("tokens", tokens, cfg.vocab_size)
+  b, s = tokens.shape
+  if s > cfg.max_len:
+    raise ValueError(f"tokens has length {s} > ModelConfig.max_len={cfg.max_len}")
+  validation.check_lengths("boundary", boundary, b, 1, s)
+  if split.tied and not return_cache:  # same weights in both phases: one plain pass
+    return split.prefill_module()(tokens, mode=Mode.TRAIN)[0]
+
+  pre, dec = split.prefill_module(), split.decode_module()
+  n_prefill = prefill_lengths(split, boundary.astype(jnp.int32))  # i32[B]
+  positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+  full = jnp.full((b,), s, jnp.int32)
+  if split.tied:
+    logits, cache = pre(tokens, mode=Mode.PREFILL, positions=positions,
+                        cache=pre.init_cache(b, s), new_lengths=full)
+    return logits, cache
+  # Prefill tree: every slot is written, but only slots < n_prefill stay valid.
+  h_pre, cache = pre.hidden(tokens, mode=Mode.PREFILL, positions=positions,
+                            cache=pre.init_cache(b, s), new_lengths=n_prefill)
+  # Decode tree: the write rule keeps slots < n_prefill (the prefill KV) and fills the rest.
+  h_dec, cache = dec.hidden(tokens, mode=Mode.PREFILL, positions=positions, cache=cache,
+                            new_lengths=full)
+  from_prefill = (positions < n_prefill[:, None])[..., None]  # bool[B, S, 1]
+  logits = jnp.where(from_prefill, pre.logits(h_pre), dec.logits(h_dec))
+  return (logits, cache) if return_cache else logits
+
+
+def continuation_mask(boundary: jax.Array, length: int) -> jax.Array:
+  """f32[B, S]: 1 where token t is a continuation token (t >= boundary)."""
+  return (jnp.arange(length)[None, :] >= boundary[:, None]).astype(jnp.float32)
+
+
+def next_token_loss(split: SplitModel, tokens: jax.Array, boundary: jax.Array,
+                    loss_mask: jax.Array | None = None) -> jax.Array:
+  """Mean next-token cross-entropy over target tokens, through `split_forward`.
+
+  Args:
+    split: the model.
+    tokens: i32[B, S].
+    boundary: i32[B] prompt lengths.
+    loss_mask: f32[B, S] weight of each token *as a target*; default: the continuation
+      tokens (`t >= boundary`). Position 0 is never a target.
+
+  Returns:
+    Scalar float32 loss.
+  """
+  logits = split_forward(split, tokens, boundary)
+  if loss_mask is None:
+    loss_mask = continuation_mask(boundary, tokens.shape[1])
+  if loss_mask.shape != tokens.shape:
+    raise ValueError(f"loss_mask must have shape {tuple(tokens.shape)}, got "
+                     f"{tuple(loss_mask.shape)}")
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
+  return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _check_trainability(split: SplitModel, trainability: str) -> None:
+  if trainability not in TRAINABILITY:
+    raise ValueError(f"trainability={trainability!r} is not one of {TRAINABILITY}")
+  if split.tied and trainability in ("prefill", "decode"):
+    raise ValueError(
+        f"trainability={trainability!r} trains one tree and freezes the other, but this "
+        "SplitModel is tied (one tree serves both phases). Call split.untie() first.")
+
+
+def param_labels(split: SplitModel, trainability: str) -> SplitModel:
+  """The optimizer partition: a SplitModel-shaped tree of "trainable"/"frozen" labels."""
+  _check_trainability(split, trainability)
+  trains = {"prefill": trainability in ("prefill", "both"),
+            "decode": trainability in ("decode", "both")}
+  if split.tied:  # one tree, trained by "both", frozen by "none"
+    trains["prefill"] = trainability == "both"
+
+  def label(tree, on):
+    return None if tree is None else jax.tree.map(lambda _: TRAINABLE if on else FROZEN, tree)
+
+  return split.replace(prefill=label(split.prefill, trains["prefill"]),
+                       decode=label(split.decode, trains["decode"]))
+
+
+def make_optimizer(tx: optax.GradientTransformation, split: SplitModel,
+                   trainability: str) -> optax.GradientTransformation:
+  """`tx` on the trainable trees, zero updates (and no optimizer state) on frozen ones."""
+  return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()},
+                               param_labels(split, trainability))
+
+
+def apply_updates(split: SplitModel, updates: SplitModel, trainability: str) -> SplitModel:
+  """`optax.apply_updates` on the trainable trees; frozen trees are returned as-is
+  (bitwise: not even `x + 0`, which would turn -0.0 into 0.0)."""
+  labels = param_labels(split, trainability)
+  return jax.tree.map(lambda p, u, lab: (p + u).astype(p.dtype) if lab == TRAINABLE else p,
+                      split, updates, labels)
+
+
+def make_train_step(tx: optax.GradientTransformation, trainability: str):
+  """A jitted `step(split, opt_state, tokens, boundary, loss_mask=None)`.
+
+  Returns `(split, opt_state, loss)`. The optimizer state must come from
+  `make_optimizer(tx, split, trainability).init(split)`.
+  """
+  if trainability not in TRAINABILITY:
+    raise ValueError(f"trainability={trainability!r} is not one of {TRAINABILITY}")
+
+  @jax.jit
+  def step(split, opt_state, tokens, boundary, loss_mask=None):
+    opt = make_optimizer(tx, split, trainability)
+    loss, grads = jax.value_and_grad(next_token_loss)(split, tokens, boundary, loss_mask)
+    updates, opt_state = opt.update(grads, opt_state, split)
+    return apply_updates(split, updates, trainability), opt_state, loss
+
+  return step

@@ -1,0 +1,69 @@
+"""Run in its own process with 8 fake CPU devices (see test_sharding.py):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding_check
+
+Compares logits, split logits, generated tokens and a training step on meshes of 8
+devices against one device, and prints a JSON summary.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import jaxsun
+from jaxsun import parallel
+
+
+def main():
+  assert jax.device_count() == 8, jax.devices()
+  cfg = jaxsun.ModelConfig.preset("tiny", init_std=0.25)
+  one_device = jax.devices()[0]
+  base = jaxsun.SplitModel.from_model(jaxsun.Decoder(cfg, rngs=nnx.Rngs(0))).untie()
+  base = base.replace(decode=jax.tree.map(lambda x: x * 1.1, base.decode))
+  base = jax.device_put(base, one_device)
+  tokens = jax.random.randint(jax.random.key(1), (4, 16), 0, cfg.vocab_size)
+  boundary = jnp.array([3, 7, 1, 12], jnp.int32)
+
+  tx = optax.adamw(1e-2)
+  step = jaxsun.make_train_step(tx, "prefill")
+
+  def run(split, mesh=None):
+    toks, bnd = tokens, boundary
+    if mesh is not None:
+      toks = jax.device_put(tokens, parallel.batch_sharding(tokens.shape, mesh))
+      bnd = jax.device_put(boundary, parallel.batch_sharding(boundary.shape, mesh))
+    logits = jax.jit(lambda s, t: s.prefill_module()(t)[0])(split, toks)
+    split_logits = jax.jit(jaxsun.split_forward)(split, toks, bnd)
+    out = jaxsun.generate(split, toks[:, :8], max_new_tokens=6, mesh=mesh)
+    opt_state = jaxsun.make_optimizer(tx, split, "prefill").init(split)
+    trained, _, loss = step(split, opt_state, toks, bnd)
+    return dict(logits=logits, split_logits=split_logits, tokens=out.tokens, loss=loss,
+                q_proj=trained.prefill["layers"][0]["attn"]["q_proj"]["kernel"][...])
+
+  ref = jax.tree.map(np.asarray, run(base))
+  summary = {}
+  for shape in ((2, 2, 2), (1, 1, 8), (8, 1, 1)):
+    mesh = parallel.make_mesh(*shape)
+    sharded = parallel.shard_split_model(base, mesh)
+    q = sharded.prefill["layers"][0]["attn"]["q_proj"]["kernel"][...]
+    res = run(sharded, mesh)
+    errs = {k: float(np.max(np.abs(np.asarray(res[k], np.float64) - ref[k])) /
+                     max(float(np.max(np.abs(ref[k]))), 1e-12))
+            for k in ("logits", "split_logits", "loss", "q_proj")}
+    summary[str(shape)] = dict(
+        rel_err=errs,
+        tokens_equal=bool(np.array_equal(np.asarray(res["tokens"]), ref["tokens"])),
+        q_proj_spec=str(q.sharding.spec),
+        q_proj_shards=len({s.device for s in q.addressable_shards}),
+        logits_devices=len(res["logits"].sharding.device_set))
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
