@@ -69,3 +69,18 @@ def test_unknown_preset():
 def test_decoder_rejects_non_config():
   with pytest.raises(TypeError, match="cfg"):
     jaxsun.Decoder({"d_model": 4}, rngs=nnx.Rngs(0))
+
+
+def test_flops_per_token_matches_xla_cost_analysis():
+  """The analytic FLOP count (used for TFLOP/s reports) against XLA's own count."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig.preset("tiny", d_model=256, n_heads=8, n_kv_heads=4, d_ff=768,
+                           vocab_size=1024, max_len=128)
+  graphdef, state = nnx.split(jaxsun.Decoder(cfg, rngs=nnx.Rngs(0)))
+  tokens = jnp.zeros((2, 128), jnp.int32)
+  loss = lambda st, t: nnx.merge(graphdef, st)(t)[0].mean()
+  fwd = jax.jit(loss).lower(state, tokens).compile().cost_analysis()["flops"]
+  train = jax.jit(jax.grad(loss)).lower(state, tokens).compile().cost_analysis()["flops"]
+  per_step = cfg.flops_per_token(128) * tokens.size
+  assert fwd == pytest.approx(per_step / 3, rel=0.05)
+  assert train == pytest.approx(per_step, rel=0.10)

@@ -6,16 +6,20 @@ overrides. A variant may add parameters in `__init__` (e.g. a per-head gate) and
 per-sequence cache state in `init_state` (e.g. a running sum of V), without any change to
 the transformer block:
 
-    @register_attention("my_variant")
-    class MyAttention(Attention):
+    @register_attention("gated_sum")
+    class GatedSumAttention(Attention):
       def __init__(self, cfg, *, rngs):
         super().__init__(cfg, rngs=rngs)
-        self.gate = layers.param(rngs, (cfg.n_heads,), ("heads_only",), ...)
-      def attend(self, ctx):
-        out, state = super().attend(ctx)
-        return out * self.gate[...][:, None], state
+        self.gate = layers.param(rngs, (cfg.n_kv_heads,), (None,), dtype=..., std=1.0)
+      def init_state(self, batch, max_len):  # carried in the KV cache, per sequence
+        return {"v_sum": jnp.zeros((batch, self.n_kv_heads, self.head_dim))}
+      def attend(self, a):
+        out, _ = super().attend(a)
+        ...  # combine with a.state["v_sum"] and a.fresh_v where a.is_new
+        return out, {"v_sum": new_sum}
 
-`ModelConfig.attention` picks the class by its registered name.
+`ModelConfig.attention` picks the class by its registered name; tests/test_attention_
+variants.py holds a complete, tested example.
 """
 
 from __future__ import annotations
@@ -62,6 +66,11 @@ class AttendInputs:
     mask: bool[B, T, S] True where query t may attend to key s.
     x: [B, T, D] the block input (normalised), for input-dependent variants.
     positions: i32[B, T] absolute query positions.
+    fresh_k: [B, T, Hkv, hd] this call's keys (after RoPE).
+    fresh_v: [B, T, Hkv, hd] this call's values.
+    is_new: bool[B, T] True where this call's token extends the sequence (in train mode,
+      every token; with a cache, positions in [lengths, new_lengths)). A variant keeping
+      running state accumulates exactly these tokens.
     state: the variant's per-sequence cache state ({} in train mode).
   """
 
@@ -71,6 +80,9 @@ class AttendInputs:
   mask: jax.Array
   x: jax.Array
   positions: jax.Array
+  fresh_k: jax.Array
+  fresh_v: jax.Array
+  is_new: jax.Array
   state: dict[str, jax.Array]
 
 
@@ -97,6 +109,7 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, *,
                cache: kv_cache.LayerCache | None = None,
                lengths: jax.Array | None = None,
+               new_lengths: jax.Array | None = None,
                segment_ids: jax.Array | None = None):
     """Attention over fresh tokens, optionally through a KV cache.
 
@@ -106,6 +119,7 @@ class Attention(nnx.Module):
         `start[b] + arange(T)` and `start[b] + T <= max_len`.
       cache: this layer's cache, or None (train mode: attend among the T tokens).
       lengths: i32[B] valid slots of the cache before this call (never overwritten).
+      new_lengths: i32[B] valid slots after this call.
       segment_ids: i32[B, T] optional, train mode only: tokens attend within a segment.
 
     Returns:
@@ -124,6 +138,7 @@ class Attention(nnx.Module):
       if segment_ids is not None:
         mask &= segment_ids[:, None, :] == segment_ids[:, :, None]
       keys, values, state, new_cache = k, v, {}, None
+      is_new = jnp.ones((b, t), bool)
     else:
       start = positions[:, 0]
       keys = kv_cache.write_kv(cache.k, k, start, lengths)
@@ -131,8 +146,10 @@ class Attention(nnx.Module):
       slots = jnp.arange(keys.shape[1])
       mask = slots[None, None, :] <= positions[:, :, None]  # bool[B, T, S]
       state = cache.state
+      is_new = (positions >= lengths[:, None]) & (positions < new_lengths[:, None])
     out, state = self.attend(AttendInputs(q=q, k=keys, v=values, mask=mask, x=x,
-                                          positions=positions, state=state))
+                                          positions=positions, fresh_k=k, fresh_v=v,
+                                          is_new=is_new, state=state))
     if cache is not None:
       new_cache = kv_cache.LayerCache(k=keys, v=values, state=state)
     return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), new_cache

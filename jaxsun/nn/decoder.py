@@ -49,9 +49,10 @@ class Block(nnx.Module):
     self.mlp = layers.SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std,
                              param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs)
 
-  def __call__(self, x, positions, *, cache=None, lengths=None, segment_ids=None):
+  def __call__(self, x, positions, *, cache=None, lengths=None, new_lengths=None,
+               segment_ids=None):
     h, cache = self.attn(self.attn_norm(x), positions, cache=cache, lengths=lengths,
-                         segment_ids=segment_ids)
+                         new_lengths=new_lengths, segment_ids=segment_ids)
     x = x + h
     return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -130,6 +131,11 @@ class Decoder(nnx.Module):
       if positions is None:
         positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)
     validation.check_int_array("positions", positions, (b, t))
+    if cache is not None:
+      if new_lengths is None:
+        new_lengths = jnp.maximum(cache.lengths, positions[:, -1] + 1)
+      validation.check_int_array("new_lengths", new_lengths, (b,))
+      new_lengths = new_lengths.astype(jnp.int32)
 
     x = self.embed(tokens)
     new_layers = []
@@ -137,15 +143,11 @@ class Decoder(nnx.Module):
       layer_cache = None if cache is None else cache.layers[i]
       x, layer_cache = blk(x, positions, cache=layer_cache,
                            lengths=None if cache is None else cache.lengths,
-                           segment_ids=segment_ids)
+                           new_lengths=new_lengths, segment_ids=segment_ids)
       new_layers.append(layer_cache)
     if cache is None:
       return x, None
-    if new_lengths is None:
-      new_lengths = jnp.maximum(cache.lengths, positions[:, -1] + 1)
-    validation.check_int_array("new_lengths", new_lengths, (b,))
-    return x, kv_cache.KVCache(layers=tuple(new_layers),
-                               lengths=new_lengths.astype(jnp.int32))
+    return x, kv_cache.KVCache(layers=tuple(new_layers), lengths=new_lengths)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final norm + LM head: [..., D] -> f32[..., V]."""
