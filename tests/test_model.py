@@ -35,6 +35,9 @@ def test_bfloat16_compute_stays_close_to_float32(cfg):
   bf16 = jitted(jaxsun.Decoder(cfg.replace(compute_dtype="bfloat16"), rngs=nnx.Rngs(0)))(tokens)[0]
   assert bf16.dtype == jnp.float32  # logits are float32 whatever the compute dtype
   assert 1e-4 < rel_err(bf16, f32) < 5e-2  # bf16 really ran, and is still close
+  stored = jaxsun.Decoder(cfg.replace(param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  assert {x.dtype for x in jax.tree.leaves(nnx.state(stored))} == {jnp.dtype(jnp.bfloat16)}
+  assert 0 < rel_err(jitted(stored)(tokens)[0], f32) < 5e-2
 
 
 def test_rope_scores_depend_only_on_relative_position():
