@@ -127,6 +127,9 @@ def split_forward(split: SplitModel, tokens: jax.Array, boundary: jax.Array, *,
   the remaining positions run through the decode tree and attend to that cache plus
   their own causal keys. Padding after a continuation is harmless (causal).
 
+  Cost: a tied model runs one plain pass; an untied one runs each tree over all S
+  positions (static shapes under `jit` with per-row boundaries) and selects per position.
+
   Args:
     split: the model.
     tokens: i32[B, S] token ids, S <= max_len.
@@ -137,16 +140,17 @@ def split_forward(split: SplitModel, tokens: jax.Array, boundary: jax.Array, *,
   Returns:
     f32[B, S, V] logits (position t predicts token t + 1), and the cache if asked.
   """
-  cfg = split.cfg
+  pre = split.prefill_module()
+  cfg = pre.cfg
   validation.check_tokens("tokens", tokens, cfg.vocab_size)
   b, s = tokens.shape
   if s > cfg.max_len:
     raise ValueError(f"tokens has length {s} > ModelConfig.max_len={cfg.max_len}")
   validation.check_lengths("boundary", boundary, b, 1, s)
   if split.tied and not return_cache:  # same weights in both phases: one plain pass
-    return split.prefill_module()(tokens, mode=Mode.TRAIN)[0]
+    return pre(tokens, mode=Mode.TRAIN)[0]
 
-  pre, dec = split.prefill_module(), split.decode_module()
+  dec = split.decode_module()
   n_prefill = prefill_lengths(split, boundary.astype(jnp.int32))  # i32[B]
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   full = jnp.full((b,), s, jnp.int32)
