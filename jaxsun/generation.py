@@ -139,7 +139,8 @@ def generate(split: SplitModel, prompts, prompt_lengths=None, *, max_new_tokens:
   Returns:
     GenerateOutput(tokens i32[B, max_new_tokens], lengths i32[B]).
   """
-  cfg = split.cfg
+  prefill_module = split.prefill_module()  # merged once: for its config and its cache
+  cfg = prefill_module.cfg
   if isinstance(prompts, (list, tuple)):
     if prompt_lengths is not None:
       raise ValueError("pass prompt_lengths only with an array of padded prompts")
@@ -167,7 +168,7 @@ def generate(split: SplitModel, prompts, prompt_lengths=None, *, max_new_tokens:
 
   prompts = jnp.asarray(prompts, jnp.int32)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
-  cache = split.prefill_module().init_cache(b, min(cfg.max_len, p + max_new_tokens))
+  cache = prefill_module.init_cache(b, min(cfg.max_len, p + max_new_tokens))
   if mesh is not None:
     cache = jax.device_put(cache, parallel.cache_shardings(cache, mesh, rules))
     prompts = jax.device_put(prompts, parallel.batch_sharding(prompts.shape, mesh, rules))

@@ -102,9 +102,6 @@ class SplitModel:
     """Two tree slots holding the same arrays (no copy), ready to diverge in training."""
     return self if not self.tied else self.replace(decode=self.prefill)
 
-  def with_last_prompt_token(self, which: str) -> SplitModel:
-    return self.replace(last_prompt_token=which)
-
   def prefill_module(self) -> Decoder:
     return nnx.merge(self.graphdef, self.prefill)
 

@@ -1,4 +1,5 @@
 import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -73,7 +74,6 @@ def test_decoder_rejects_non_config():
 
 def test_flops_per_token_matches_xla_cost_analysis():
   """The analytic FLOP count (used for TFLOP/s reports) against XLA's own count."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   cfg = ModelConfig.preset("tiny", d_model=256, n_heads=8, n_kv_heads=4, d_ff=768,
                            vocab_size=1024, max_len=128)
   graphdef, state = nnx.split(jaxsun.Decoder(cfg, rngs=nnx.Rngs(0)))

@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxsun
 from jaxsun import parallel
@@ -105,7 +106,7 @@ def test_sampling_config(kwargs, field):
 def test_split_construction(model, cfg):
   with pytest.raises(ValueError, match="last_prompt_token"):
     jaxsun.SplitModel.from_model(model, last_prompt_token="middle")
-  other = jaxsun.Decoder(cfg.replace(n_layers=3), rngs=__import__("flax").nnx.Rngs(0))
+  other = jaxsun.Decoder(cfg.replace(n_layers=3), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="same architecture"):
     jaxsun.SplitModel.from_models(model, other)
   with pytest.raises(TypeError, match="model must be a jaxsun Decoder"):
