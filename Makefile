@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README):
-#   make quickstart   venv + install + the main job
+#   make quickstart   venv + install [data] + the main job (VARIANT=smoke: the 1-minute version)
 #   make test         venv + install [dev] + the test suite
 # Installs use constraints.txt: the jax/flax/optax/orbax/chex versions of the GPU machines.
 
@@ -17,7 +17,7 @@ $(PY):
 	$$py -m venv $(VENV)
 
 $(VENV)/.installed: $(PY) pyproject.toml constraints.txt
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e '.[data]'
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
@@ -29,7 +29,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 quickstart: $(VENV)/.installed
-	$(PY) -m experiments.generate_demo --workdir=$(WORKDIR)
+	$(PY) -m experiments.launch --config=configs/quickstart.py$(if $(VARIANT),:$(VARIANT)) --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests

@@ -185,6 +185,17 @@ def next_token_loss(split: SplitModel, tokens: jax.Array, boundary: jax.Array,
   Returns:
     Scalar float32 loss.
   """
+  total, count = next_token_loss_sums(split, tokens, boundary, loss_mask)
+  return total / jnp.maximum(count, 1.0)
+
+
+def next_token_loss_sums(split: SplitModel, tokens: jax.Array, boundary: jax.Array,
+                         loss_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """(sum of masked next-token cross-entropies, sum of mask weights): f32 scalars.
+
+  The unnormalised form of `next_token_loss`, so that gradient accumulation over
+  micro-batches can divide by the token count of the whole batch.
+  """
   logits = split_forward(split, tokens, boundary)
   if loss_mask is None:
     loss_mask = continuation_mask(boundary, tokens.shape[1])
@@ -192,8 +203,9 @@ def next_token_loss(split: SplitModel, tokens: jax.Array, boundary: jax.Array,
     raise ValueError(f"loss_mask must have shape {tuple(tokens.shape)}, got "
                      f"{tuple(loss_mask.shape)}")
   mask = loss_mask[:, 1:].astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:])
-  return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits[:, :-1].astype(jnp.float32), tokens[:, 1:])
+  return jnp.sum(ce * mask), jnp.sum(mask)
 
 
 def _check_trainability(split: SplitModel, trainability: str) -> None:
@@ -218,6 +230,34 @@ def param_labels(split: SplitModel, trainability: str) -> SplitModel:
 
   return split.replace(prefill=label(split.prefill, trains["prefill"]),
                        decode=label(split.decode, trains["decode"]))
+
+
+def trained_trees(split: SplitModel, trainability: str) -> tuple[str, ...]:
+  """Names of the tree slots ("prefill", "decode") that `trainability` trains."""
+  _check_trainability(split, trainability)
+  if split.tied:
+    return ("prefill",) if trainability == "both" else ()
+  return tuple(n for n in ("prefill", "decode") if trainability in (n, "both"))
+
+
+def partition(split: SplitModel, trainability: str) -> tuple[dict, dict]:
+  """Splits the model into (trainable trees, frozen trees), dicts keyed by slot name.
+
+  The tree-level form of `param_labels`: a trainer keeps optimizer state for (and may
+  donate) the trainable dict only, while the frozen dict (possibly shared with other
+  task models) is never modified. `combine` inverts it.
+  """
+  names = trained_trees(split, trainability)
+  slots = {"prefill": split.prefill} if split.tied else {
+      "prefill": split.prefill, "decode": split.decode}
+  return ({n: t for n, t in slots.items() if n in names},
+          {n: t for n, t in slots.items() if n not in names})
+
+
+def combine(split: SplitModel, trainable: dict, frozen: dict) -> SplitModel:
+  """The SplitModel with the trees of `partition(split, ...)` (possibly updated) put back."""
+  trees = {**frozen, **trainable}
+  return split.replace(prefill=trees["prefill"], decode=trees.get("decode"))
 
 
 def make_optimizer(tx: optax.GradientTransformation, split: SplitModel,

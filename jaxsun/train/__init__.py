@@ -1,0 +1,1 @@
+"""Training: the optimizer, the trainer and checkpoints, metric writers and progress."""

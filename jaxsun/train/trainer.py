@@ -1,0 +1,308 @@
+"""The trainer: the split's trainability choices, AdamW, accumulation, donated jit steps,
+evaluation, metrics, progress and resumable checkpoints.
+
+    trainer = Trainer(split, TrainConfig(steps=400, trainability="prefill",
+                                         optimizer=OptimizerConfig(3e-3, warmup_steps=20)))
+    history = trainer.fit(batches, writer=writer, checkpointer=ckpt, eval_batches=make_eval)
+    split = trainer.split
+
+`batches` yields dicts `{"tokens": i32[B, S], "boundary": i32[B], "loss_mask": f32[B, S]}`
+(the `jaxsun.data.pipeline` iterators). If it has `get_state()`/`set_state()`, its
+position is checkpointed with the arrays, and a resumed run continues with exactly the
+batches, learning rates and PRNG keys the uninterrupted run would have used.
+
+Only the trainable trees (`jaxsun.split.partition`) are optimizer state and donated to
+the jitted step; the frozen trees (for SUN the decode tree every task shares) are passed
+alongside, never donated and never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxsun.split import (TRAINABILITY, SplitModel, combine, next_token_loss_sums,
+                          partition)
+from jaxsun.train.optim import OptimizerConfig, make_optimizer
+
+BATCH_KEYS = ("tokens", "boundary", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """What `Trainer.fit` does.
+
+  Attributes:
+    steps: optimizer updates in the whole run (the schedule's length).
+    trainability: which trees train: "prefill" (SUN), "decode" (PrefillShare), "both",
+      "none" (see `jaxsun.split`).
+    optimizer: AdamW, schedule and clipping settings.
+    accum_steps: micro-batches per update; the batch is split along its first axis and
+      the gradient is the token-weighted mean over all of them (equal to one big batch).
+    log_every: write metrics every this many steps (and at the last step).
+    eval_every: run the evaluation every this many steps (0: only at the end).
+    checkpoint_every: save every this many steps (0: no checkpoints); the last step is
+      always saved when a checkpointer is given.
+    seed: seeds the trainer's PRNG key (split once per step, checkpointed).
+  """
+
+  steps: int
+  trainability: str = "both"
+  optimizer: OptimizerConfig = OptimizerConfig()
+  accum_steps: int = 1
+  log_every: int = 10
+  eval_every: int = 0
+  checkpoint_every: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.steps < 1:
+      raise ValueError(f"TrainConfig.steps must be >= 1, got {self.steps}")
+    if self.trainability not in TRAINABILITY:
+      raise ValueError(f"TrainConfig.trainability={self.trainability!r} is not one of "
+                       f"{TRAINABILITY}")
+    for name in ("accum_steps", "log_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("eval_every", "checkpoint_every"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@struct.dataclass
+class TrainState:
+  """Everything that changes during training (and is checkpointed).
+
+  Attributes:
+    step: i32[] updates done.
+    params: the trainable trees, `{"prefill": State, "decode": State}` (a subset).
+    opt_state: the optimizer state of `params`.
+    rng: u32[2] raw PRNG key data (plain integers, so checkpoints need no key dtype).
+  """
+
+  step: jax.Array
+  params: dict
+  opt_state: Any
+  rng: jax.Array
+
+
+def _to_device_batch(batch: Mapping[str, Any]) -> dict:
+  missing = [k for k in BATCH_KEYS if k not in batch]
+  if missing:
+    raise ValueError(f"a training batch needs keys {BATCH_KEYS}; missing {missing}")
+  return {"tokens": jnp.asarray(batch["tokens"], jnp.int32),
+          "boundary": jnp.asarray(batch["boundary"], jnp.int32),
+          "loss_mask": jnp.asarray(batch["loss_mask"], jnp.float32)}
+
+
+class Trainer:
+  """Trains the trainable trees of a `SplitModel` (see the module docstring).
+
+  Args:
+    split: the model; its frozen trees are kept by reference and never modified, its
+      trainable trees are copied (the copies are donated to the jitted step).
+    config: the `TrainConfig`.
+  """
+
+  def __init__(self, split: SplitModel, config: TrainConfig):
+    if not isinstance(split, SplitModel):
+      raise TypeError(f"split must be a jaxsun SplitModel, got {type(split).__name__}")
+    self.config = config
+    self._template = split
+    trainable, self.frozen = partition(split, config.trainability)
+    # Donation deletes the input buffers; the caller's model may share these arrays.
+    trainable = jax.tree.map(jnp.copy, trainable)
+    self.tx, self.schedule = make_optimizer(config.optimizer, config.steps)
+    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                            opt_state=self.tx.init(trainable),
+                            rng=jax.random.key_data(jax.random.key(config.seed)))
+    self._train_step = jax.jit(self._step_impl, donate_argnums=0)
+    self._eval_step = jax.jit(self._eval_impl)
+    self.model_cfg = split.cfg
+
+  # -- the model ------------------------------------------------------------------------
+
+  @property
+  def split(self) -> SplitModel:
+    """The current model: trained trees from the state, frozen trees as given."""
+    return combine(self._template, self.state.params, self.frozen)
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step)
+
+  def num_trainable_params(self) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(self.state.params)))
+
+  # -- jitted steps -----------------------------------------------------------------------
+
+  def _loss_sums(self, params, frozen, batch):
+    split = combine(self._template, params, frozen)
+    return next_token_loss_sums(split, batch["tokens"], batch["boundary"], batch["loss_mask"])
+
+  def _step_impl(self, state: TrainState, frozen: dict, batch: dict):
+    accum = self.config.accum_steps
+    grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
+    if accum == 1:
+      (loss_sum, count), grad_sum = grad_fn(state.params, frozen, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]),
+                           batch)
+
+      def body(carry, mb):
+        g_acc, l_acc, c_acc = carry
+        (l, c), g = grad_fn(state.params, frozen, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grad_sum, loss_sum, count), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
+               "learning_rate": self.schedule(state.step), "target_tokens": count}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                      rng=rng), metrics
+
+  def _eval_impl(self, params, frozen, batch):
+    return self._loss_sums(params, frozen, batch)
+
+  def train_step(self, batch: Mapping[str, Any]) -> dict:
+    """One update on `batch`; returns the step's metrics as Python floats."""
+    batch = _to_device_batch(batch)
+    b = batch["tokens"].shape[0]
+    if b % self.config.accum_steps:
+      raise ValueError(f"batch size {b} is not divisible by TrainConfig.accum_steps="
+                       f"{self.config.accum_steps}")
+    self.state, metrics = self._train_step(self.state, self.frozen, batch)
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+  def evaluate(self, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None
+               ) -> dict:
+    """Token-weighted mean loss over `batches` (at most `max_batches`)."""
+    total, count, n = 0.0, 0.0, 0
+    for batch in batches:
+      if max_batches is not None and n >= max_batches:
+        break
+      s, c = jax.device_get(self._eval_step(self.state.params, self.frozen,
+                                            _to_device_batch(batch)))
+      total, count, n = total + float(s), count + float(c), n + 1
+    if n == 0:
+      raise ValueError("evaluate got no batches")
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count,
+            "batches": n}
+
+  # -- checkpoints ------------------------------------------------------------------------
+
+  def save(self, checkpointer, batches=None, *, meta: Mapping | None = None) -> None:
+    """Saves the state and the data position (if `batches` has `get_state`)."""
+    meta = dict(meta or {})
+    meta["step"] = self.step
+    if hasattr(batches, "get_state"):
+      meta["data"] = batches.get_state()
+    # The next step donates the state's buffers; give the async save its own copy.
+    state = jax.tree.map(jnp.copy, self.state)
+    checkpointer.save(self.step, state, meta=meta)
+
+  def restore(self, checkpointer, batches=None, step: int | None = None) -> dict | None:
+    """Restores the latest (or `step`) checkpoint and the data position; returns its meta."""
+    out = checkpointer.restore(self.state, step=step)
+    if out is None:
+      return None
+    self.state, meta = out
+    if "data" in meta:
+      if not hasattr(batches, "set_state"):
+        raise ValueError("the checkpoint holds a data position but `batches` has no "
+                         "set_state(); pass the same kind of iterator to resume")
+      batches.set_state(meta["data"])
+    return meta
+
+  # -- the loop ---------------------------------------------------------------------------
+
+  def fit(self, batches: Iterator[Mapping[str, Any]], *, writer=None, checkpointer=None,
+          eval_batches: Callable[[], Iterable] | None = None, until: int | None = None,
+          progress: bool | Any = True, label: str = "train") -> list[dict]:
+    """Trains until step `until` (default `config.steps`), resuming from a checkpoint.
+
+    Args:
+      batches: iterator of training batches (see the module docstring).
+      writer: a `jaxsun.train.metrics.MetricWriter` (JSONL, TensorBoard, ...).
+      checkpointer: a `jaxsun.train.checkpoints.Checkpointer`; if it holds a checkpoint,
+        training resumes from it (state, data position, PRNG).
+      eval_batches: returns a fresh iterable of evaluation batches; evaluated every
+        `config.eval_every` steps and at the end.
+      until: stop after this step (for tests and preemption drills); the schedule still
+        spans `config.steps`.
+      progress: show a progress bar (or pass a `jaxsun.train.progress.Progress`).
+      label: prefix of the progress lines.
+
+    Returns:
+      Per-step metrics of the steps run here: step, loss, grad_norm, learning_rate,
+      step_time_s, tokens_per_s, model_tflops_per_s (+ eval_loss where evaluated).
+    """
+    cfg = self.config
+    until = cfg.steps if until is None else min(until, cfg.steps)
+    if checkpointer is not None:
+      meta = self.restore(checkpointer, batches)
+      if meta is not None:
+        print(f"[{label}] resumed from step {self.step} in {checkpointer.directory}",
+              flush=True)
+    if writer is not None and self.step == 0:
+      writer.write_hparams({"trainability": cfg.trainability, "steps": cfg.steps,
+                            "accum_steps": cfg.accum_steps,
+                            "trainable_params": self.num_trainable_params(),
+                            **{f"optimizer.{k}": v for k, v in
+                               dataclasses.asdict(cfg.optimizer).items()}})
+    bar = None if progress is True or not progress else progress
+    history = []
+    try:
+      while self.step < until:
+        batch = next(batches)
+        tokens = int(np.prod(np.shape(batch["tokens"])))
+        seq_len = int(np.shape(batch["tokens"])[1])
+        flops = self.model_cfg.flops_per_token(seq_len) * tokens
+        if bar is None and progress is True:  # made here: it needs the batch shape
+          from jaxsun.train.progress import Progress  # pylint: disable=g-import-not-at-top
+          bar = Progress(total=until, initial=self.step, desc=label, log_every=cfg.log_every,
+                         tokens_per_step=tokens, flops_per_step=flops, file=sys.stdout)
+        t0 = time.perf_counter()
+        metrics = self.train_step(batch)  # floats: waits for the device
+        dt = time.perf_counter() - t0
+        step = self.step
+        metrics.update(step=step, step_time_s=dt, tokens_per_s=tokens / dt,
+                       model_tflops_per_s=flops / dt / 1e12)
+        if eval_batches is not None and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                         or step == until):
+          ev = self.evaluate(eval_batches())
+          metrics.update(eval_loss=ev["loss"], eval_perplexity=ev["perplexity"])
+        history.append(metrics)
+        if writer is not None and (step % cfg.log_every == 0 or step == until
+                                   or "eval_loss" in metrics):
+          writer.write_scalars(step, {k: v for k, v in metrics.items() if k != "step"})
+        if bar is not None:
+          bar.update(step, loss=metrics["loss"])
+        if checkpointer is not None and ((cfg.checkpoint_every
+                                          and step % cfg.checkpoint_every == 0)
+                                         or step == until):
+          self.save(checkpointer, batches)
+    finally:
+      if bar is not None:
+        bar.close()
+      if checkpointer is not None:
+        checkpointer.wait_until_finished()
+      if writer is not None:
+        writer.flush()
+    return history
