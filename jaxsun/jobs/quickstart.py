@@ -22,13 +22,12 @@ import pathlib
 import time
 
 import jax
-import numpy as np
 
 import jaxsun
 from jaxsun import data as data_lib
 from jaxsun.jobs import common
 from jaxsun.jobs import finetune as ft
-from jaxsun.nn import Decoder
+from jaxsun.jobs import lm
 from jaxsun.train import metrics as metrics_lib
 from jaxsun.train.trainer import TrainConfig
 
@@ -59,48 +58,15 @@ def check_config(config) -> None:
 
 def pretrain(config, model_cfg: jaxsun.ModelConfig, tokenizer, workdir: pathlib.Path,
              data_dir: str) -> tuple[jaxsun.SplitModel, dict]:
-  """Trains the tied base model on the corpus + task text. Returns (split, summary)."""
+  """The base model: the corpus mixed with the tasks' train text (`jaxsun.jobs.lm`)."""
   pc = config.pretrain
-  sources = [pc.corpus] + list(config.tasks)
   w = pc.task_text_weight
+  sources = [pc.corpus] + list(config.tasks)
   weights = [1.0 - w] + [w / len(config.tasks)] * len(config.tasks)
-  batches = data_lib.lm_batches(sources, tokenizer, seq_len=pc.seq_len,
-                                batch_size=pc.batch_size, seed=config.seed, weights=weights,
-                                data_dir=data_dir)
-  make_eval = ft.limited(lambda: data_lib.lm_batches(
-      pc.corpus, tokenizer, seq_len=pc.seq_len, batch_size=pc.batch_size,
-      split="validation", data_dir=data_dir), pc.eval_batches)
-  train_cfg = TrainConfig(steps=pc.steps, trainability="both",
-                          optimizer=common.optimizer_config(pc.optimizer),
-                          log_every=pc.log_every, checkpoint_every=pc.checkpoint_every,
-                          eval_every=pc.eval_every, seed=config.seed)
-  base = jaxsun.SplitModel.from_model(Decoder(model_cfg, rngs=jaxsun_rngs(config.seed)))
-  identity = {"model": common.to_dict(config.model), "pretrain": common.to_dict(pc),
-              "tokenizer": config.tokenizer, "tasks": list(config.tasks),
-              "seed": config.seed}
-  t0 = time.perf_counter()
-  trainer, _ = ft.train_run(base, train_cfg, batches, workdir=workdir, name="pretrain",
-                            identity=identity, eval_batches=make_eval)
-  ev = trainer.evaluate(make_eval())
-  losses = _loss_series(workdir / "logs" / "pretrain")
-  summary = {"steps": pc.steps, "validation_loss": ev["loss"],
-             "validation_perplexity": ev["perplexity"], "validation_tokens": ev["tokens"],
-             "final_train_loss": losses[-1][1] if losses else None,
-             "num_params": model_cfg.num_params(),
-             "train_time_s": round(time.perf_counter() - t0, 2)}
-  return trainer.split, summary
-
-
-def jaxsun_rngs(seed: int):
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  return nnx.Rngs(seed)
-
-
-def _loss_series(logdir: pathlib.Path, key: str = "loss") -> list[tuple[int, float]]:
-  path = logdir / "metrics.jsonl"
-  if not path.exists():
-    return []
-  return metrics_lib.scalar_series(metrics_lib.read_jsonl(path), key)
+  return lm.pretrain(pc, model_cfg, tokenizer, workdir, data_dir, sources=sources,
+                     weights=weights, eval_source=pc.corpus, seed=config.seed,
+                     identity={"model": common.to_dict(config.model),
+                               "tokenizer": config.tokenizer, "tasks": list(config.tasks)})
 
 
 def finetune_and_eval(config, base: jaxsun.SplitModel, task: str, regime: str, tokenizer,
@@ -125,7 +91,7 @@ def finetune_and_eval(config, base: jaxsun.SplitModel, task: str, regime: str, t
     trainer, _ = ft.train_run(split, train_cfg, batches, workdir=workdir, name=name,
                               identity=identity)
     split = trainer.split
-    losses = _loss_series(workdir / "logs" / name)
+    losses = lm.loss_series(workdir / "logs" / name)
     summary.update(final_train_loss=losses[-1][1] if losses else None,
                    trainable_params=trainer.num_trainable_params(),
                    dropped_train_examples=batches.num_dropped)
@@ -152,10 +118,10 @@ def finetune_and_eval(config, base: jaxsun.SplitModel, task: str, regime: str, t
 
 def plot_losses(workdir: pathlib.Path, config) -> pathlib.Path:
   """One PNG: the pretraining curve and every fine-tuning curve (log-scale loss)."""
-  series = {"pretrain": _loss_series(workdir / "logs" / "pretrain")}
+  series = {"pretrain": lm.loss_series(workdir / "logs" / "pretrain")}
   for task in config.tasks:
     for regime in config.regimes:
-      s = _loss_series(workdir / "logs" / "finetune" / task / regime)
+      s = lm.loss_series(workdir / "logs" / "finetune" / task / regime)
       if s:
         series[f"{task}/{regime}"] = [(x + config.pretrain.steps, y) for x, y in s]
   return metrics_lib.plot_curves(series, workdir / "loss_curves.png",
