@@ -43,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.pretrain.seq_len = 128
   c.pretrain.batch_size = 32
   c.pretrain.steps = 300
-  c.pretrain.eval_every = 0  # 0: evaluate at the end only
+  c.pretrain.eval_every = 100  # validation loss every this many steps (and at the end)
   c.pretrain.eval_batches = 4  # validation batches for the validation loss
   c.pretrain.log_every = 25
   c.pretrain.checkpoint_every = 100
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune.seq_len = 96  # longest prompt + answer + EOS kept; longer ones are dropped
   c.finetune.batch_size = 32
   c.finetune.steps = 60
-  c.finetune.log_every = 10
+  c.finetune.log_every = 5
   c.finetune.checkpoint_every = 0  # 0: only the final step
   c.finetune.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, schedule="wsd", warmup_steps=5, decay_fraction=0.3,
@@ -67,8 +67,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if arg == "smoke":  # the same pipeline in well under a minute
     c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64)
-    c.pretrain.update(steps=20, batch_size=8, seq_len=64, eval_batches=2, log_every=10,
-                      checkpoint_every=10)
+    c.pretrain.update(steps=20, batch_size=8, seq_len=64, eval_batches=2, eval_every=10,
+                      log_every=10, checkpoint_every=10)
     c.pretrain.optimizer.warmup_steps = 5
     c.finetune.update(steps=4, batch_size=8, log_every=2)
     c.eval.update(test_items=16, batch_size=16)

@@ -49,6 +49,7 @@ def test_smoke_writes_results_curves_checkpoints_and_metrics(smoke_run):
     assert list(by_regime) == list(cfg.regimes)
     for regime, r in by_regime.items():
       assert 0.0 <= r["accuracy"] <= 1.0 and r["test_items"] == cfg.eval.test_items
+      assert np.isfinite(r["test_loss"]) and r["test_loss"] > 0
       assert r["correct"] == round(r["accuracy"] * r["test_items"])
       if regime == "none":
         assert r["final_train_loss"] is None and r["trainable_params"] == 0
@@ -71,11 +72,17 @@ def test_smoke_writes_results_curves_checkpoints_and_metrics(smoke_run):
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
   assert (workdir / "checkpoints" / "pretrain" / "steps" / str(cfg.pretrain.steps)).is_dir()
   assert list((workdir / "logs" / "pretrain" / "tensorboard").glob("events.out.tfevents.*"))
-  # The printed table carries the same numbers as results.json.
+  # The printed tables (accuracy, then test loss) carry the numbers of results.json.
   for task, by_regime in results["tasks"].items():
-    row = next(line for line in stdout.splitlines() if line.startswith(task + " "))
-    assert [float(x) for x in row.split()[1:]] == pytest.approx(
-        [by_regime[r]["accuracy"] for r in cfg.regimes], abs=5e-4)
+    rows = [line for line in stdout.splitlines() if line.startswith(task + " ")]
+    assert len(rows) == 2
+    for row, key in zip(rows, ("accuracy", "test_loss")):
+      assert [float(x) for x in row.split()[1:]] == pytest.approx(
+          [by_regime[r][key] for r in cfg.regimes], abs=5e-4)
+  # Regime "none" is the base model, so its test loss is the base's on the same batches;
+  # every trained regime starts from it, and "full" trains every weight.
+  for by_regime in results["tasks"].values():
+    assert by_regime["full"]["test_loss"] != by_regime["none"]["test_loss"]
 
 
 def test_rerun_resumes_from_checkpoints_with_the_same_results(smoke_run, tmp_path):

@@ -291,3 +291,16 @@ def test_plot_curves_writes_png(tmp_path):
   assert [p.name for p in path.parent.iterdir()] == ["loss.png"]  # no temp file left
   with pytest.raises(ValueError, match=r"series\['x'\] must be a sequence of \(step, value\)"):
     metrics.plot_curves({"x": [1, 2, 3]}, tmp_path / "bad.png", title="t", ylabel="y")
+
+
+def test_plot_panels_draws_one_subplot_per_panel(tmp_path):
+  import struct  # pylint: disable=g-import-not-at-top
+  one = metrics.plot_curves({"a": [(1, 2.0), (2, 1.0)]}, tmp_path / "one.png", title="t",
+                            ylabel="y")
+  three = metrics.plot_panels({f"p{i}": {"a": [(1, 2.0), (2, 1.0)], "b": [(1, 3.0)]}
+                               for i in range(3)}, tmp_path / "three.png", ylabel="y",
+                              logy=True)
+  width = lambda p: struct.unpack(">I", p.read_bytes()[16:20])[0]  # PNG IHDR width
+  assert width(three) > 2 * width(one)
+  with pytest.raises(ValueError, match=r"panels\['p'\]\['x'\]"):
+    metrics.plot_panels({"p": {"x": [1, 2]}}, tmp_path / "bad.png", ylabel="y")

@@ -29,7 +29,7 @@ from jaxsun.jobs import common
 from jaxsun.jobs import finetune as ft
 from jaxsun.jobs import lm
 from jaxsun.train import metrics as metrics_lib
-from jaxsun.train.trainer import TrainConfig
+from jaxsun.train.trainer import TrainConfig, evaluate_loss
 
 
 def _enable_compilation_cache(config, workdir: pathlib.Path) -> None:
@@ -103,6 +103,11 @@ def finetune_and_eval(config, base: jaxsun.SplitModel, task: str, regime: str, t
   else:
     summary.update(final_train_loss=None, trainable_params=0)
   t1 = time.perf_counter()
+  # Answer-token loss on all test items: finer-grained than exact match for tiny models.
+  test = evaluate_loss(split, data_lib.task_batches(
+      task, tokenizer, seq_len=fc.seq_len, batch_size=ec.batch_size, split="test",
+      data_dir=data_dir))
+  summary["test_loss"] = test["loss"]
   prompts, answers = data_lib.task_eval_items(task, tokenizer, split="test",
                                               limit=ec.test_items, data_dir=data_dir)
   answer_tokens = max(len(tokenizer.encode(a)) for a in answers)
@@ -117,32 +122,38 @@ def finetune_and_eval(config, base: jaxsun.SplitModel, task: str, regime: str, t
 
 
 def plot_losses(workdir: pathlib.Path, config) -> pathlib.Path:
-  """One PNG: the pretraining curve and every fine-tuning curve (log-scale loss)."""
-  series = {"pretrain": lm.loss_series(workdir / "logs" / "pretrain")}
+  """`loss_curves.png`: pretraining (train and validation), then each task's regimes."""
+  logs = workdir / "logs"
+  panels = {"pretraining": {"train": lm.loss_series(logs / "pretrain"),
+                            "validation": lm.loss_series(logs / "pretrain", "eval_loss")}}
   for task in config.tasks:
-    for regime in config.regimes:
-      s = lm.loss_series(workdir / "logs" / "finetune" / task / regime)
-      if s:
-        series[f"{task}/{regime}"] = [(x + config.pretrain.steps, y) for x, y in s]
-  return metrics_lib.plot_curves(series, workdir / "loss_curves.png",
-                                 title="quickstart: pretraining, then fine-tuning "
-                                 "(steps offset by the pretraining steps)",
-                                 ylabel="train loss", logy=True)
+    trained = {regime: lm.loss_series(logs / "finetune" / task / regime)
+               for regime in config.regimes if regime != "none"}
+    if trained:
+      panels[f"fine-tuning: {task}"] = trained
+  return metrics_lib.plot_panels(panels, workdir / "loss_curves.png", ylabel="loss",
+                                 logy=True)
 
 
 def format_table(results: dict) -> str:
+  """Two task x regime tables: exact match, then the answer-token loss on the test split."""
   tasks = results["tasks"]
   regimes = list(next(iter(tasks.values())))
   head = f"{'task':<18}" + "".join(f"{r:>10}" for r in regimes)
-  lines = ["exact-match accuracy on the test split (greedy generation through the split)",
-           head, "-" * len(head)]
-  for task, by_regime in tasks.items():
-    lines.append(f"{task:<18}" + "".join(f"{by_regime[r]['accuracy']:>10.3f}"
-                                         for r in regimes))
+  lines = []
+  for title, key in (("exact match on the test split (greedy generation through the "
+                      "split)", "accuracy"),
+                     ("answer-token loss on the whole test split (teacher forced)",
+                      "test_loss")):
+    lines += [title, head, "-" * len(head)]
+    lines += [f"{task:<18}" + "".join(f"{by_regime[r][key]:>10.3f}" for r in regimes)
+              for task, by_regime in tasks.items()]
+    lines.append("")
   n = next(iter(next(iter(tasks.values())).values()))["test_items"]
   b = results["base"]
-  lines.append(f"({n} test items per task; base validation loss {b['validation_loss']:.3f}, "
-               f"{b['num_params']:,} parameters; wall time {results['wall_time_s']:.0f} s)")
+  lines.append(f"({n} exact-match items per task; base validation loss "
+               f"{b['validation_loss']:.3f}; {b['num_params']:,} parameters; wall time "
+               f"{results['wall_time_s']:.0f} s)")
   return "\n".join(lines)
 
 

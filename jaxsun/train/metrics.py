@@ -373,6 +373,19 @@ def create_default_writer(workdir: PathLike, *, jsonl: bool = True, tensorboard:
   return MultiWriter(writers)
 
 
+def _as_curves(series: Mapping[str, Sequence[tuple[float, float]]], where: str) -> dict:
+  if not isinstance(series, Mapping) or not series:
+    raise ValueError(f"{where} must be a non-empty mapping of label -> [(step, value), ...]")
+  curves = {}
+  for label, points in series.items():
+    arr = np.asarray(list(points), dtype=np.float64)
+    if arr.size and (arr.ndim != 2 or arr.shape[1] != 2):
+      raise ValueError(f"{where}[{label!r}] must be a sequence of (step, value) pairs, "
+                       f"got shape {arr.shape}")
+    curves[label] = arr.reshape(-1, 2)
+  return curves
+
+
 def plot_curves(series: Mapping[str, Sequence[tuple[float, float]]], path: PathLike, *,
                 title: str, ylabel: str, logy: bool = False, xlabel: str = "step") -> pathlib.Path:
   """Saves a PNG with one line per named series of (step, value) pairs.
@@ -393,34 +406,42 @@ def plot_curves(series: Mapping[str, Sequence[tuple[float, float]]], path: PathL
   Returns:
     `path` as a `pathlib.Path`.
   """
-  if not isinstance(series, Mapping) or not series:
-    raise ValueError("series must be a non-empty mapping of label -> [(step, value), ...]")
-  curves = {}
-  for label, points in series.items():
-    arr = np.asarray(list(points), dtype=np.float64)
-    if arr.size and (arr.ndim != 2 or arr.shape[1] != 2):
-      raise ValueError(f"series[{label!r}] must be a sequence of (step, value) pairs, "
-                       f"got shape {arr.shape}")
-    curves[label] = arr.reshape(-1, 2)
+  _as_curves(series, "series")  # errors name `series`
+  return plot_panels({title: series}, path, ylabel=ylabel, logy=logy, xlabel=xlabel)
+
+
+def plot_panels(panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+                path: PathLike, *, ylabel: str, logy: bool = False, xlabel: str = "step",
+                suptitle: str | None = None) -> pathlib.Path:
+  """Like `plot_curves`, with one subplot per panel (title -> series), side by side."""
+  if not isinstance(panels, Mapping) or not panels:
+    raise ValueError("panels must be a non-empty mapping of title -> series")
+  curves = {title: _as_curves(series, f"panels[{title!r}]")
+            for title, series in panels.items()}
 
   # Lazy: matplotlib costs ~0.3 s to import and only plotting needs it.
   # pylint: disable=import-outside-toplevel
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
 
-  fig = Figure(figsize=(6.4, 4.0), dpi=100)
+  n = len(curves)
+  fig = Figure(figsize=(6.4 if n == 1 else 4.6 * n, 4.0), dpi=100)
   FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
-  for label, arr in curves.items():
-    ax.plot(arr[:, 0], arr[:, 1], label=str(label), linewidth=1.2)
-  if logy:
-    ax.set_yscale("log")
-  ax.set_title(title)
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel(ylabel)
-  ax.grid(True, alpha=0.3, which="both" if logy else "major")
-  if len(curves) > 1:
-    ax.legend()
+  for k, (title, by_label) in enumerate(curves.items()):
+    ax = fig.add_subplot(1, n, k + 1)
+    for label, arr in by_label.items():
+      ax.plot(arr[:, 0], arr[:, 1], label=str(label), linewidth=1.2)
+    if logy:
+      ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if k == 0:
+      ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3, which="both" if logy else "major")
+    if len(by_label) > 1:
+      ax.legend()
+  if suptitle:
+    fig.suptitle(suptitle)
   fig.tight_layout()
 
   path = pathlib.Path(path)

@@ -104,6 +104,31 @@ def _to_device_batch(batch: Mapping[str, Any]) -> dict:
           "loss_mask": jnp.asarray(batch["loss_mask"], jnp.float32)}
 
 
+@jax.jit
+def _loss_sums_jit(split: SplitModel, batch: dict):
+  return next_token_loss_sums(split, batch["tokens"], batch["boundary"], batch["loss_mask"])
+
+
+def evaluate_loss(split: SplitModel, batches: Iterable[Mapping[str, Any]],
+                  max_batches: int | None = None) -> dict:
+  """Token-weighted mean next-token loss of `split` over `batches` (at most `max_batches`).
+
+  Returns:
+    {"loss", "perplexity", "tokens" (target tokens counted), "batches"}.
+  """
+  total, count, n = 0.0, 0.0, 0
+  for batch in batches:
+    if max_batches is not None and n >= max_batches:
+      break
+    s, c = jax.device_get(_loss_sums_jit(split, _to_device_batch(batch)))
+    total, count, n = total + float(s), count + float(c), n + 1
+  if n == 0:
+    raise ValueError("evaluate_loss got no batches")
+  loss = total / max(count, 1.0)
+  return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count,
+          "batches": n}
+
+
 class Trainer:
   """Trains the trainable trees of a `SplitModel` (see the module docstring).
 
@@ -126,7 +151,6 @@ class Trainer:
                             opt_state=self.tx.init(trainable),
                             rng=jax.random.key_data(jax.random.key(config.seed)))
     self._train_step = jax.jit(self._step_impl, donate_argnums=0)
-    self._eval_step = jax.jit(self._eval_impl)
     self.model_cfg = split.cfg
 
   # -- the model ------------------------------------------------------------------------
@@ -176,9 +200,6 @@ class Trainer:
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       rng=rng), metrics
 
-  def _eval_impl(self, params, frozen, batch):
-    return self._loss_sums(params, frozen, batch)
-
   def train_step(self, batch: Mapping[str, Any]) -> dict:
     """One update on `batch`; returns the step's metrics as Python floats."""
     batch = _to_device_batch(batch)
@@ -191,19 +212,8 @@ class Trainer:
 
   def evaluate(self, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None
                ) -> dict:
-    """Token-weighted mean loss over `batches` (at most `max_batches`)."""
-    total, count, n = 0.0, 0.0, 0
-    for batch in batches:
-      if max_batches is not None and n >= max_batches:
-        break
-      s, c = jax.device_get(self._eval_step(self.state.params, self.frozen,
-                                            _to_device_batch(batch)))
-      total, count, n = total + float(s), count + float(c), n + 1
-    if n == 0:
-      raise ValueError("evaluate got no batches")
-    loss = total / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count,
-            "batches": n}
+    """Token-weighted mean loss of the current model over `batches` (`evaluate_loss`)."""
+    return evaluate_loss(self.split, batches, max_batches)
 
   # -- checkpoints ------------------------------------------------------------------------
 
