@@ -6,6 +6,10 @@ The public surface of the core:
     KVCache                             the explicit cache pytree
     SplitModel, split_forward, ...      one graphdef, a prefill tree and a decode tree
     generate, SamplingConfig            generation through the split
+
+and the subpackages `jaxsun.train` (trainer, optimizers, checkpoints, metrics),
+`jaxsun.data` (corpora, tokenizers, tasks, TFDS + grain pipelines; grain and tfds load
+on first use) and `jaxsun.jobs` (the experiments behind `experiments/launch.py`).
 """
 
 from jaxsun.config import PRESETS, ModelConfig
