@@ -16,8 +16,13 @@ Expected runtime on 2 CPU cores: under 5 minutes (default), under 1 minute (`:sm
 A rerun in the same workdir resumes from the checkpoints and takes far less.
 
 Expected result: `results.json`, `loss_curves.png`, checkpoints and metrics in the
-workdir, and a table of accuracies per task and regime. The numbers are whatever the run
-measures; the closing note of the issue that built this job records one run.
+workdir, and two task x regime tables: exact match, and the answer-token loss on the
+whole test split. The numbers are whatever the run measures. One run on 2 CPU cores
+(2026-11-26, jax 0.11.2): 214 s; base validation loss 2.032 (431k parameters); test
+loss spell_backward full 1.441 / prefill 1.634 / decode 1.646 / none 2.087, and
+letter_counting 0.242 / 0.255 / 0.241 / 0.291. Exact match: at this size and budget
+the model answers letter_counting with the majority count (0.730 in every regime)
+and almost never reverses a word (spell_backward 0.000 to 0.010).
 """
 
 import ml_collections
