@@ -1,0 +1,341 @@
+"""Psumbook GEMM (CodeGEMM): `y = x @ W` for a codebook-quantized W, without dequantizing.
+
+For decode batches the product is computed from a **Psumbook**: the partial sums of every
+activation chunk with every centroid,
+
+    P[b, j, c, i] = sum_t x[b, j*v + t] * codebooks[c, i, t]          f32[B, K/v, m, 2**b]
+    y[b, n]       = sum_G scales[G, n] * sum_{j in G, c} P[b, j, c, codes[c, j, n]]
+
+so each code costs one lookup and one add instead of v multiply-adds, and centroid x
+activation products shared by many outputs are computed once. For larger batches
+(prefill) the kernel dequantizes a tile of W on chip and multiplies on the tensor cores.
+
+Entry points (all take `interpret`):
+
+    psumbook_matmul(x, w, *, tiles=None, backend="auto", interpret=False)  # any batch
+    dequant_matmul(x, w, *, tiles=None, interpret=False)     # the AQLM-style baseline
+
+References in jnp float32, beside the kernels: `dequantize_reference`,
+`dequant_matmul_reference`, `psumbook_matmul_reference` (tests check them against each
+other and the kernels against them).
+
+Kernel designs (one `pl.pallas_call` each, split-K over the grid, partial sums reduced
+by a deterministic `sum` afterwards):
+
+* `gather` (GPU, Triton lowering): the Psumbook is built by XLA (one small matmul) and
+  read with vector-index loads `p_ref[:, idx]`, which the Triton lowering supports
+  (`take_along_axis` it does not). A K-tiled Psumbook kept in shared memory needs Mosaic
+  GPU or a CUDA FFI kernel; that is the GPU tuning step, measured with the benchmark.
+* `onehot` (TPU, Mosaic TPU): the lookup as a one-hot matmul on the MXU (TPU has no
+  pointer gathers), exact with `precision=HIGHEST`.
+* `dequant`: per group of g inputs, W's rows are gathered from the flattened codebooks,
+  scaled, and multiplied on the tensor cores (the prefill path and the baseline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.psumbook_gemm.format import CodebookFormat, QuantizedWeight, validate
+
+BACKENDS = ("auto", "gather", "onehot", "dequant", "xla", "xla_dequant")
+HIGHEST = lax.Precision.HIGHEST
+
+
+# ------------------------------------------------------------------------- references
+
+
+def dequantize_reference(w: QuantizedWeight) -> jax.Array:
+  """f32[K, N]: the dense weight (see `format.py`)."""
+  cb, codes, scales = (jnp.asarray(a) for a in w)
+  m, _, v = cb.shape
+  _, j, n = codes.shape
+  cb = cb.astype(jnp.float32)
+  codes = codes.astype(jnp.int32)
+  # gathered[c, j, n, t] = cb[c, codes[c, j, n], t]
+  gathered = jax.vmap(lambda table, idx: table[idx])(cb, codes)  # f32[m, J, N, v]
+  w_jnv = gathered.sum(axis=0)  # f32[J, N, v]
+  dense = jnp.transpose(w_jnv, (0, 2, 1)).reshape(j * v, n)  # f32[K, N]
+  g = (j * v) // scales.shape[0]
+  return dense * jnp.repeat(scales.astype(jnp.float32), g, axis=0)
+
+
+def dequant_matmul_reference(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+  """f32[B, N] = x @ dequantize(w), in float32 at the highest precision."""
+  return jnp.dot(x.astype(jnp.float32), dequantize_reference(w), precision=HIGHEST)
+
+
+def psumbook(x: jax.Array, codebooks: jax.Array) -> jax.Array:
+  """f32[B, K/v, m, 2**b]: every activation chunk's dot product with every centroid."""
+  m, c, v = codebooks.shape
+  b, k = x.shape
+  xv = x.astype(jnp.float32).reshape(b, k // v, v)  # f32[B, J, v]
+  return jnp.einsum("bjt,cit->bjci", xv, codebooks.astype(jnp.float32), precision=HIGHEST)
+
+
+def psumbook_matmul_reference(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+  """f32[B, N] through the Psumbook: gather partial sums by code, sum, scale per group."""
+  cb, codes, scales = w
+  p = psumbook(x, cb)  # f32[B, J, m, C]
+  bsz, j, m, _ = p.shape
+  n = codes.shape[2]
+  idx = jnp.transpose(codes.astype(jnp.int32), (1, 0, 2))  # i32[J, m, N]
+  # gathered[b, j, c, n] = P[b, j, c, codes[c, j, n]]: one lookup per code.
+  gathered = jnp.take_along_axis(p, jnp.broadcast_to(idx[None], (bsz, j, m, n)), axis=-1)
+  # gathered: f32[B, J, m, N]
+  groups = scales.shape[0]
+  per_group = gathered.sum(axis=2).reshape(bsz, groups, j // groups, n).sum(axis=2)
+  return jnp.einsum("bgn,gn->bn", per_group, scales.astype(jnp.float32), precision=HIGHEST)
+
+
+# ------------------------------------------------------------------------- tiling
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tiling knobs (they change speed, never the numbers beyond float reassociation).
+
+  Attributes:
+    block_n: outputs per grid step (a multiple of 128 on TPU).
+    block_k: inputs per grid step (split-K); a multiple of the format's g.
+    block_b: batch rows per grid step (dequant kernel; the gather kernels take the whole
+      batch, which is small for decode).
+  """
+
+  block_n: int = 256
+  block_k: int = 1024
+  block_b: int = 64
+
+  def __post_init__(self):
+    for name in ("block_n", "block_k", "block_b"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"Tiles.{name}={value!r} must be a positive integer")
+
+  def fit(self, fmt: CodebookFormat, b: int, k: int, n: int) -> Tiles:
+    """These tiles clipped to the problem, checked against it."""
+    bn, bk, bb = min(self.block_n, n), min(self.block_k, k), min(self.block_b, b)
+    if n % bn:
+      raise ValueError(f"N={n} must be a multiple of Tiles.block_n={bn}")
+    if k % bk or bk % fmt.g:
+      raise ValueError(f"Tiles.block_k={bk} must divide K={k} and be a multiple of "
+                       f"g={fmt.g}")
+    if b % bb:
+      raise ValueError(f"batch {b} must be a multiple of Tiles.block_b={bb}")
+    return Tiles(block_n=bn, block_k=bk, block_b=bb)
+
+
+def _check_inputs(x: jax.Array, w: QuantizedWeight) -> CodebookFormat:
+  fmt = validate(w)
+  if x.ndim != 2:
+    raise ValueError(f"x must be [B, K], got shape {x.shape}")
+  k, _ = w.shape
+  if x.shape[1] != k:
+    raise ValueError(f"x has {x.shape[1]} inputs but the weight has K={k}")
+  return fmt
+
+
+# ------------------------------------------------------------------------- kernels
+
+
+def _gather_kernel(p_ref, codes_ref, s_ref, o_ref, *, fmt: CodebookFormat, bk: int):
+  # p_ref:     f32[(bk/v) * m * C, B]  this K tile's Psumbook, rows flattened (j, c, i)
+  # codes_ref: u8/i32[m, bk/v, bn]
+  # s_ref:     f[bk/g, bn]
+  # o_ref:     f32[1, bn, B]           this K tile's partial sums (outputs major)
+  m, c, gv = fmt.m, fmt.num_centroids, fmt.g // fmt.v
+  bn, bsz = codes_ref.shape[2], p_ref.shape[1]
+
+  def group(gi, acc):
+    def chunk(jj, g_acc):
+      j = gi * gv + jj
+      for cb in range(m):  # static: m is 1 or 2
+        idx = codes_ref[cb, j, :].astype(jnp.int32) + (j * m + cb) * c  # i32[bn]
+        g_acc = g_acc + p_ref[idx, :]  # f32[bn, B]: one row lookup per code
+      return g_acc
+    g_acc = lax.fori_loop(0, gv, chunk, jnp.zeros((bn, bsz), jnp.float32))
+    return acc + g_acc * s_ref[gi, :].astype(jnp.float32)[:, None]
+
+  o_ref[0] = lax.fori_loop(0, bk // fmt.g, group, jnp.zeros((bn, bsz), jnp.float32))
+
+
+def _onehot_kernel(p_ref, codes_ref, s_ref, o_ref, *, fmt: CodebookFormat, bk: int):
+  # p_ref:     f32[B, (bk/v) * m * C]
+  # codes_ref: i32[m, bk/v, bn]
+  # s_ref:     f[1, bk/g, bn]
+  # o_ref:     f32[1, B, bn]
+  m, c, gv = fmt.m, fmt.num_centroids, fmt.g // fmt.v
+  bsz, bn = p_ref.shape[0], codes_ref.shape[2]
+  iota = lax.broadcasted_iota(jnp.int32, (c, bn), 0)
+
+  def group(gi, acc):
+    def chunk(jj, g_acc):
+      j = gi * gv + jj
+      for cb in range(m):
+        onehot = (codes_ref[cb, pl.ds(j, 1), :] == iota).astype(jnp.float32)  # f32[C, bn]
+        p = p_ref[:, pl.ds((j * m + cb) * c, c)]  # f32[B, C]
+        g_acc = g_acc + jnp.dot(p, onehot, precision=HIGHEST,
+                                preferred_element_type=jnp.float32)
+      return g_acc
+    g_acc = lax.fori_loop(0, gv, chunk, jnp.zeros((bsz, bn), jnp.float32))
+    return acc + g_acc * s_ref[0, pl.ds(gi, 1), :].astype(jnp.float32)
+
+  o_ref[0] = lax.fori_loop(0, bk // fmt.g, group, jnp.zeros((bsz, bn), jnp.float32))
+
+
+def _call(kernel, args, in_specs, out_shape, out_spec, grid, poison, interpret):
+  """`pl.pallas_call`; with `poison`, the output starts filled with it (aliased input),
+  so a tile the kernel forgot to write shows up in tests instead of stale memory."""
+  if poison is None:
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+                          out_specs=out_spec, interpret=interpret)(*args)
+
+  def poisoned(*refs):
+    kernel(*refs[:-2], refs[-1])  # drop the aliased input; the kernel writes the output
+
+  init = jnp.full(out_shape.shape, poison, out_shape.dtype)
+  return pl.pallas_call(poisoned, out_shape=out_shape, grid=grid,
+                        in_specs=[*in_specs, out_spec], out_specs=out_spec,
+                        input_output_aliases={len(args): 0}, interpret=interpret)(
+                            *args, init)
+
+
+def _gather_call(x, w: QuantizedWeight, fmt: CodebookFormat, t: Tiles, poison, interpret):
+  cb, codes, scales = w
+  b, k = x.shape
+  n = codes.shape[2]
+  bn, bk = t.block_n, t.block_k
+  splits, tile_p = k // bk, (t.block_k // fmt.v) * fmt.m * fmt.num_centroids
+  p = psumbook(x, cb).reshape(b, splits * tile_p).T  # f32[(K/v) * m * C, B]
+  partial = _call(
+      functools.partial(_gather_kernel, fmt=fmt, bk=bk), (p, codes, scales),
+      [pl.BlockSpec((tile_p, b), lambda i, s: (s, 0)),
+       pl.BlockSpec((fmt.m, bk // fmt.v, bn), lambda i, s: (0, s, i)),
+       pl.BlockSpec((bk // fmt.g, bn), lambda i, s: (s, i))],
+      jax.ShapeDtypeStruct((splits, n, b), jnp.float32),
+      pl.BlockSpec((1, bn, b), lambda i, s: (s, i, 0)), (n // bn, splits), poison, interpret)
+  return partial.sum(axis=0).T  # deterministic split-K reduction
+
+
+def _onehot_call(x, w: QuantizedWeight, fmt: CodebookFormat, t: Tiles, poison, interpret):
+  cb, codes, scales = w
+  b, k = x.shape
+  n = codes.shape[2]
+  bn, bk = t.block_n, t.block_k
+  splits, tile_p = k // bk, (t.block_k // fmt.v) * fmt.m * fmt.num_centroids
+  p = psumbook(x, cb).reshape(b, splits * tile_p)  # f32[B, (K/v) * m * C]
+  # TPU blocks need their last two dims full or (8, 128)-aligned: give scales a split axis.
+  scales3 = scales.reshape(splits, bk // fmt.g, n)
+  partial = _call(
+      functools.partial(_onehot_kernel, fmt=fmt, bk=bk),
+      (p, codes.astype(jnp.int32), scales3),  # int32 codes: TPU vregs hold 32-bit lanes
+      [pl.BlockSpec((b, tile_p), lambda i, s: (0, s)),
+       pl.BlockSpec((fmt.m, bk // fmt.v, bn), lambda i, s: (0, s, i)),
+       pl.BlockSpec((1, bk // fmt.g, bn), lambda i, s: (s, 0, i))],
+      jax.ShapeDtypeStruct((splits, b, n), jnp.float32),
+      pl.BlockSpec((1, b, bn), lambda i, s: (s, 0, i)), (n // bn, splits), poison, interpret)
+  return partial.sum(axis=0)
+
+
+def _dequant_kernel(x_ref, cb_ref, codes_ref, s_ref, o_ref, *, fmt: CodebookFormat,
+                    bk: int):
+  # x_ref:     f[bb, v, bk/v]    activations with x[b, j*v + t] at [b, t, j]
+  # cb_ref:    f32[m * C * v]    all codebooks, flattened (c, i, t)
+  # codes_ref: u8/i32[m, bk/v, bn]
+  # s_ref:     f[bk/g, bn]
+  # o_ref:     f32[1, bb, bn]
+  m, c, v, gv = fmt.m, fmt.num_centroids, fmt.v, fmt.g // fmt.v
+  bb, bn = x_ref.shape[0], codes_ref.shape[2]
+
+  def group(gi, acc):
+    rows = pl.ds(gi * gv, gv)
+    codes = [codes_ref[cb, rows, :].astype(jnp.int32) for cb in range(m)]  # i32[gv, bn]
+    scale = s_ref[pl.ds(gi, 1), :].astype(jnp.float32)  # f32[1, bn]
+    for t in range(v):  # static: W's rows t, t+v, t+2v, ... of this group
+      w_t = sum(cb_ref[(cb * c + codes[cb]) * v + t] for cb in range(m))  # f32[gv, bn]
+      xt = x_ref[:, t, rows].astype(jnp.float32)  # f32[bb, gv]
+      acc = acc + jnp.dot(xt, w_t * scale, preferred_element_type=jnp.float32)
+    return acc
+
+  o_ref[0] = lax.fori_loop(0, bk // fmt.g, group, jnp.zeros((bb, bn), jnp.float32))
+
+
+def dequant_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = None,
+                   poison: float | None = None, interpret=False) -> jax.Array:
+  """f32[B, N] = x @ W, dequantizing W tile by tile inside the kernel (AQLM-style).
+
+  The prefill path of `psumbook_matmul` and the baseline of the benchmark. `poison`,
+  `tiles` and `interpret` are as in `psumbook_matmul`.
+  """
+  fmt = _check_inputs(x, w)
+  cb, codes, scales = w
+  b, k = x.shape
+  n = codes.shape[2]
+  t = (tiles or Tiles()).fit(fmt, b, k, n)
+  bb, bn, bk = t.block_b, t.block_n, t.block_k
+  splits = k // bk
+  # x[b, j*v + t] -> xt[b, t, j]: each W row phase t multiplies a contiguous x slice.
+  xt = x.reshape(b, k // fmt.v, fmt.v).transpose(0, 2, 1)
+  partial = _call(
+      functools.partial(_dequant_kernel, fmt=fmt, bk=bk),
+      (xt, cb.astype(jnp.float32).reshape(-1), codes, scales),
+      [pl.BlockSpec((bb, fmt.v, bk // fmt.v), lambda r, i, s: (r, 0, s)),
+       pl.BlockSpec((cb.size,), lambda r, i, s: (0,)),
+       pl.BlockSpec((fmt.m, bk // fmt.v, bn), lambda r, i, s: (0, s, i)),
+       pl.BlockSpec((bk // fmt.g, bn), lambda r, i, s: (s, i))],
+      jax.ShapeDtypeStruct((splits, b, n), jnp.float32),
+      pl.BlockSpec((1, bb, bn), lambda r, i, s: (s, r, i)), (b // bb, n // bn, splits),
+      poison, interpret)
+  return partial.sum(axis=0)
+
+
+def _auto_backend(batch: int, max_lookup_batch: int) -> str:
+  on_tpu = jax.default_backend() == "tpu"
+  if batch <= max_lookup_batch:
+    return "onehot" if on_tpu else "gather"
+  # Prefill: dequantize on chip (GPU); TPU lets XLA dequantize (no pointer gathers there).
+  return "xla_dequant" if on_tpu else "dequant"
+
+
+def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = None,
+                    backend: str = "auto", max_lookup_batch: int = 16,
+                    poison: float | None = None, interpret=False) -> jax.Array:
+  """f32[B, N] = x @ W for a codebook-quantized W.
+
+  Args:
+    x: f32/bf16[B, K] activations.
+    w: the `QuantizedWeight`.
+    tiles: tiling knobs (`Tiles`); defaults fit the problem.
+    backend: "gather" (GPU Psumbook lookups), "onehot" (TPU Psumbook as one-hot
+      matmuls; also lowers for GPU), "dequant" (GPU: dequantize on chip, then matmul),
+      "xla" (the jnp Psumbook reference), "xla_dequant" (XLA dequantizes, then a dense
+      dot), or "auto": the platform's lookup kernel while B <= `max_lookup_batch`, and
+      above it "dequant" on GPU/CPU, "xla_dequant" on TPU (prefill).
+    max_lookup_batch: the largest batch "auto" sends to a lookup kernel.
+    poison: for tests: the kernel's output buffer starts filled with this value (e.g.
+      nan), so any tile it fails to write is visible.
+    interpret: run the Pallas kernels in interpret mode (True, or an interpreter's
+      params object such as `pltpu.InterpretParams()`).
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+  fmt = _check_inputs(x, w)
+  if backend == "auto":
+    backend = _auto_backend(x.shape[0], max_lookup_batch)
+  if backend == "xla":
+    return psumbook_matmul_reference(x, w)
+  if backend == "xla_dequant":
+    return dequant_matmul_reference(x, w)
+  if backend == "dequant":
+    return dequant_matmul(x, w, tiles=tiles, poison=poison, interpret=interpret)
+  fmt.check_backend("tpu" if backend == "onehot" else "gpu")
+  b, k = x.shape
+  t = (tiles or Tiles()).fit(fmt, b, k, w.shape[1])
+  call = _onehot_call if backend == "onehot" else _gather_call
+  return call(x, w, fmt, t, poison, interpret)
