@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # (m, v) pairs each backend's kernels are written for, with b = 8. The jnp references
 # take any valid format.
@@ -142,8 +143,9 @@ def validate(w: QuantizedWeight, *, check_codes: bool = True) -> CodebookFormat:
     raise ValueError(f"scales must be [K // g, N={n}] with K={k}, got shape {scales.shape}")
   fmt = CodebookFormat(m=m, b=c.bit_length() - 1, v=v, g=k // scales.shape[0])
   fmt.check_shape(k, n)
-  if check_codes and not isinstance(codes, jax.core.Tracer):
-    lo, hi = int(jnp.min(codes)), int(jnp.max(codes))
+  if check_codes and not isinstance(codes, jax.core.Tracer):  # concrete: check on host
+    host = np.asarray(codes)
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= c:
       raise ValueError(f"codes must lie in [0, {c}) for {c} centroids; found values in "
                        f"[{lo}, {hi}]")

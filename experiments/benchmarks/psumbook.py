@@ -1,0 +1,198 @@
+r"""Benchmark: Psumbook GEMM vs the dequant-then-matmul kernel vs XLA's bf16 `x @ W`.
+
+    python -m experiments.benchmarks.psumbook                 # GPU: Llama-3-8B/70B shapes
+    python -m experiments.benchmarks.psumbook --tiny          # CPU: small shapes, interpret
+    python -m experiments.benchmarks.psumbook --formats m1v4g128,m2v8g128 --batches 1,16
+
+Each method runs `--reps` times inside one jitted `fori_loop` (the activations change
+every iteration so nothing is hoisted), so dispatch is amortised; the time per call is
+the median over `--trials` of (loop time / reps). Bytes moved count what each method must
+read: codes + scales + codebooks (+ x, y) for the quantized kernels, the bf16 weight for
+XLA. Bandwidth is compared with a device copy measured in the same run. Writes
+`psumbook_<machine>.json` (machine, versions, every number, ratios) and a markdown table
+to `experiments/benchmarks/results/` (or `--out`). Imports jax and pallas_kernels only.
+
+Targets (issue 4, H100/H200, ratios from one run): batch 1, 2.125 bits, 4096x14336:
+>= 5x faster than XLA bf16 and >= 2x faster than the dequant kernel; batch 16: >= 1.3x
+faster than the dequant kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import psumbook_gemm as pg
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+# (name, K, N): Llama-3-8B q/o, gate/up, down, k/v; Llama-3-70B gate/up.
+GPU_SHAPES = [("8b_qo", 4096, 4096), ("8b_up", 4096, 14336), ("8b_down", 14336, 4096),
+              ("8b_kv", 4096, 1024), ("70b_up", 8192, 28672)]
+TINY_SHAPES = [("tiny_a", 256, 256), ("tiny_b", 512, 256)]
+
+
+def _loop_time(fn, x, reps: int, trials: int) -> float:
+  """Median seconds per call of `fn(x)`, `reps` calls per jitted loop."""
+
+  @jax.jit
+  def many(x):
+    def body(i, acc):
+      xi = x * (1.0 + i.astype(x.dtype) * 1e-3)  # differs per call: no hoisting
+      return acc + fn(xi)[:, :8].astype(jnp.float32).sum()
+    return jax.lax.fori_loop(0, reps, body, jnp.zeros((), jnp.float32))
+
+  many(x).block_until_ready()  # compile
+  times = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    many(x).block_until_ready()
+    times.append((time.perf_counter() - t0) / reps)
+  return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, reps: int, trials: int) -> float:
+  """GB/s of a device copy (read + write) of `nbytes` bytes, measured like the kernels."""
+  a = jnp.ones((nbytes // 4,), jnp.float32)
+
+  @jax.jit
+  def many(a):
+    def body(i, acc):
+      return acc + (a + i.astype(a.dtype))[:8].sum()
+    return jax.lax.fori_loop(0, reps, body, jnp.zeros((), jnp.float32))
+
+  many(a).block_until_ready()
+  times = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    many(a).block_until_ready()
+    times.append((time.perf_counter() - t0) / reps)
+  return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def bytes_moved(fmt: pg.CodebookFormat, b: int, k: int, n: int) -> dict:
+  quant = (fmt.m * (k // fmt.v) * n  # u8 codes
+           + (k // fmt.g) * n * 4    # f32 scales
+           + fmt.m * fmt.num_centroids * fmt.v * 4 + b * k * 4 + b * n * 4)
+  return {"quantized": quant, "bf16": k * n * 2 + b * k * 2 + b * n * 2}
+
+
+def run(shapes, formats, batches, *, reps: int, trials: int, interpret: bool) -> dict:
+  dev = jax.devices()[0]
+  out = {
+      "benchmark": "psumbook_gemm",
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": {"device_kind": dev.device_kind, "platform": dev.platform,
+                  "num_devices": jax.device_count(), "host": platform.node()},
+      "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__,
+                   "python": platform.python_version()},
+      "interpret": interpret, "reps": reps, "trials": trials, "cases": [],
+  }
+  largest = max(k * n * 2 for _, k, n in shapes)
+  out["copy_gb_s"] = copy_bandwidth(largest, reps, trials)
+  for fmt_name in formats:
+    fmt = pg.CodebookFormat.parse(fmt_name)
+    for name, k, n in shapes:
+      w = pg.random_quantized(jax.random.key(0), fmt, k, n)
+      w_bf16 = pg.dequantize_reference(w).astype(jnp.bfloat16)
+      for b in batches:
+        x = jax.random.normal(jax.random.key(b), (b, k), jnp.float32)
+        want = pg.dequant_matmul_reference(x, w)
+        methods = {
+            "psumbook": lambda xi: pg.psumbook_matmul(xi, w, max_lookup_batch=max(batches),
+                                                      interpret=interpret),
+            "dequant": lambda xi: pg.dequant_matmul(xi, w, interpret=interpret),
+            "xla_bf16": lambda xi: jnp.dot(xi.astype(jnp.bfloat16), w_bf16,
+                                           preferred_element_type=jnp.float32),
+        }
+        nbytes = bytes_moved(fmt, b, k, n)
+        case = {"shape": name, "K": k, "N": n, "batch": b, "format": fmt.name,
+                "bits_per_weight": fmt.bits_per_weight, "methods": {}}
+        for method, fn in methods.items():
+          got = jax.jit(fn)(x)
+          err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+          sec = _loop_time(fn, x, reps, trials)
+          moved = nbytes["bf16" if method == "xla_bf16" else "quantized"]
+          case["methods"][method] = {
+              "us": sec * 1e6, "bytes": moved, "gb_s": moved / sec / 1e9,
+              "pct_of_copy_bandwidth": 100 * moved / sec / 1e9 / out["copy_gb_s"],
+              "rel_err_vs_f32_reference": err}
+        t = {m: v["us"] for m, v in case["methods"].items()}
+        case["speedup_vs_xla_bf16"] = t["xla_bf16"] / t["psumbook"]
+        case["speedup_vs_dequant"] = t["dequant"] / t["psumbook"]
+        out["cases"].append(case)
+        print(f"{fmt.name} {name:8s} K={k:5d} N={n:5d} B={b:2d}  " + "  ".join(
+            f"{m} {v['us']:9.1f} us" for m, v in case["methods"].items())
+              + f"  x{case['speedup_vs_xla_bf16']:.2f} vs bf16, "
+              f"x{case['speedup_vs_dequant']:.2f} vs dequant", flush=True)
+  return out
+
+
+def markdown(result: dict) -> str:
+  m = result["machine"]
+  lines = [f"# Psumbook GEMM on {m['device_kind']} ({m['platform']}), jax "
+           f"{result['versions']['jax']}, {result['date']}",
+           "", f"Device copy bandwidth measured in the same run: {result['copy_gb_s']:.0f} GB/s."
+           + (" Interpret mode (CPU): timings are not kernel speed." if result["interpret"]
+              else ""), "",
+           "| format | shape | K | N | B | psumbook us | dequant us | XLA bf16 us | "
+           "psumbook GB/s (% copy) | x vs bf16 | x vs dequant | psumbook rel err |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for c in result["cases"]:
+    ms = c["methods"]
+    p = ms["psumbook"]
+    lines.append(
+        f"| {c['format']} | {c['shape']} | {c['K']} | {c['N']} | {c['batch']} | "
+        f"{p['us']:.1f} | {ms['dequant']['us']:.1f} | {ms['xla_bf16']['us']:.1f} | "
+        f"{p['gb_s']:.0f} ({p['pct_of_copy_bandwidth']:.0f}%) | "
+        f"{c['speedup_vs_xla_bf16']:.2f} | {c['speedup_vs_dequant']:.2f} | "
+        f"{p['rel_err_vs_f32_reference']:.1e} |")
+  return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--tiny", action="store_true", help="small shapes in interpret mode (CPU)")
+  ap.add_argument("--formats", default="m1v4g128", help="comma-separated, e.g. m2v8g128")
+  ap.add_argument("--batches", default="1,4,16")
+  ap.add_argument("--reps", type=int, default=None, help="calls per timed loop")
+  ap.add_argument("--trials", type=int, default=5)
+  ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown")
+  args = ap.parse_args(argv)
+  on_gpu = jax.default_backend() == "gpu"
+  tiny = args.tiny or not on_gpu
+  if tiny and not args.tiny:
+    print(f"no GPU (backend {jax.default_backend()!r}): running --tiny in interpret mode")
+  reps = args.reps or (2 if tiny else 100)
+  result = run(TINY_SHAPES if tiny else GPU_SHAPES, args.formats.split(","),
+               [int(b) for b in args.batches.split(",")], reps=reps,
+               trials=2 if tiny else args.trials, interpret=not on_gpu)
+  kind = result["machine"]["device_kind"].replace(" ", "_").lower()
+  stem = f"psumbook_{'tiny_' if tiny else ''}{kind}"
+  out = pathlib.Path(args.out)
+  _write_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+  _write_atomic(out / f"{stem}.md", markdown(result))
+  print(f"wrote {out / (stem + '.json')} and .md")
+  return result
+
+
+if __name__ == "__main__":
+  main()
