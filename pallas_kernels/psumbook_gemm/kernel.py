@@ -295,8 +295,11 @@ def dequant_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = No
   return partial.sum(axis=0)
 
 
-def _auto_backend(batch: int, max_lookup_batch: int) -> str:
-  on_tpu = jax.default_backend() == "tpu"
+def _auto_backend(batch: int, max_lookup_batch: int, interpret) -> str:
+  platform = jax.default_backend()
+  if platform == "cpu" and not interpret:  # Pallas kernels need a GPU/TPU or interpret
+    return "xla" if batch <= max_lookup_batch else "xla_dequant"
+  on_tpu = platform == "tpu"
   if batch <= max_lookup_batch:
     return "onehot" if on_tpu else "gather"
   # Prefill: dequantize on chip (GPU); TPU lets XLA dequantize (no pointer gathers there).
@@ -316,7 +319,8 @@ def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = N
       matmuls; also lowers for GPU), "dequant" (GPU: dequantize on chip, then matmul),
       "xla" (the jnp Psumbook reference), "xla_dequant" (XLA dequantizes, then a dense
       dot), or "auto": the platform's lookup kernel while B <= `max_lookup_batch`, and
-      above it "dequant" on GPU/CPU, "xla_dequant" on TPU (prefill).
+      above it "dequant" on GPU, "xla_dequant" on TPU (prefill); on CPU the kernels in
+      interpret mode if `interpret`, else the XLA forms.
     max_lookup_batch: the largest batch "auto" sends to a lookup kernel.
     poison: for tests: the kernel's output buffer starts filled with this value (e.g.
       nan), so any tile it fails to write is visible.
@@ -327,7 +331,7 @@ def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = N
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
   fmt = _check_inputs(x, w)
   if backend == "auto":
-    backend = _auto_backend(x.shape[0], max_lookup_batch)
+    backend = _auto_backend(x.shape[0], max_lookup_batch, interpret)
   if backend == "xla":
     return psumbook_matmul_reference(x, w)
   if backend == "xla_dequant":

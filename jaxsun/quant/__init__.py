@@ -1,0 +1,1 @@
+"""Quantization: codebook (AQLM-style) quantization of linear layers for the Psumbook GEMM."""

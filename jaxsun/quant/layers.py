@@ -1,0 +1,138 @@
+"""`CodebookLinear` and `quantize_model`: codebook-quantize a jaxsun model's dense layers.
+
+    qmodel, report = quantize_model(model, calib_tokens, pattern=r"layers/\\d+/(attn|mlp)/.*",
+                                    fmt=CodebookFormat.parse("m1v4g128"))
+
+Layers are chosen by a regular expression on their path ("layers/0/mlp/up_proj"),
+calibrated on the inputs they see when the float model runs `calib_tokens`, quantized
+with `jaxsun.quant.codebook.quantize_linear`, and replaced in place of a copy of the
+model by a `CodebookLinear`, which computes `x @ W` with
+`pallas_kernels.psumbook_gemm.psumbook_matmul` (Psumbook lookups for decode batches,
+dequantize-then-matmul for prefill).
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsun.nn.layers import Linear
+from jaxsun.quant import codebook
+from pallas_kernels.psumbook_gemm import CodebookFormat, QuantizedWeight, psumbook_matmul
+
+
+class Codes(nnx.Variable):
+  """Integer codes of a codebook layer (not trained by gradient descent)."""
+
+
+class CodebookLinear(nnx.Module):
+  """A drop-in `Linear` whose weight is a `QuantizedWeight`.
+
+  Args:
+    weight: the quantized `[in, out]` weight.
+    dtype: compute dtype of the output (as `Linear`'s).
+    backend: `psumbook_matmul` backend ("auto" picks by platform and batch).
+  """
+
+  def __init__(self, weight: QuantizedWeight, *, dtype=jnp.float32, backend: str = "auto"):
+    self.codebooks = nnx.Param(jnp.asarray(weight.codebooks))
+    self.codes = Codes(jnp.asarray(weight.codes))
+    self.scales = nnx.Param(jnp.asarray(weight.scales))
+    self.in_features, self.out_features = weight.shape
+    self.dtype = jnp.dtype(dtype)
+    self.backend = backend
+
+  @property
+  def weight(self) -> QuantizedWeight:
+    return QuantizedWeight(self.codebooks[...], self.codes[...], self.scales[...])
+
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:  # [..., in] -> [..., out]
+    out_dtype = self.dtype if out_dtype is None else out_dtype
+    lead = x.shape[:-1]
+    y = psumbook_matmul(x.reshape(-1, self.in_features), self.weight, backend=self.backend)
+    return y.reshape(*lead, self.out_features).astype(out_dtype)
+
+
+def _set(root, path, value) -> None:
+  parent = root
+  for p in path[:-1]:
+    parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+  if isinstance(path[-1], int):
+    parent[path[-1]] = value
+  else:
+    setattr(parent, path[-1], value)
+
+
+def select_linears(model: nnx.Module, pattern: str) -> dict[str, tuple]:
+  """{"layers/0/mlp/up_proj": path} of the `Linear`s whose path matches `pattern`."""
+  regex = re.compile(pattern)
+  found = {"/".join(map(str, path)): path for path, mod in nnx.iter_modules(model)
+           if isinstance(mod, Linear) and regex.fullmatch("/".join(map(str, path)))}
+  if not found:
+    names = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, Linear)]
+    raise ValueError(f"pattern {pattern!r} matches no Linear layer; layers: {names[:8]}...")
+  return found
+
+
+class _Recorder:
+  """Wraps a Linear's call to keep the inputs it sees (eager calibration pass)."""
+
+  def __init__(self, inputs: list):
+    self.inputs = inputs
+
+  def __call__(self, module, x, out_dtype=None):
+    self.inputs.append(jnp.asarray(x, jnp.float32).reshape(-1, x.shape[-1]))
+    return Linear.__call__(module, x, out_dtype)
+
+
+def capture_inputs(model: nnx.Module, tokens: jax.Array, paths: dict[str, tuple]
+                   ) -> dict[str, jax.Array]:
+  """The inputs each selected Linear sees when `model` runs `tokens` (train mode)."""
+  store = {name: [] for name in paths}
+  recorders = {}
+  for name, path in paths.items():
+    mod = model
+    for p in path:
+      mod = mod[p] if isinstance(p, int) else getattr(mod, p)
+    recorders[name] = mod
+    rec = _Recorder(store[name])
+    # A per-instance subclass records calls; restored below.
+    mod.__class__ = type("Recording" + type(mod).__name__, (type(mod),),
+                         {"__call__": lambda self, x, out_dtype=None, _r=rec: _r(self, x,
+                                                                             out_dtype)})
+  try:
+    model(tokens)
+  finally:
+    for mod in recorders.values():
+      mod.__class__ = Linear
+  return {name: jnp.concatenate(xs, axis=0) for name, xs in store.items()}
+
+
+def quantize_model(model: nnx.Module, calib_tokens: jax.Array, *, pattern: str,
+                   fmt: CodebookFormat, cfg: codebook.QuantizerConfig = codebook.QuantizerConfig(),
+                   backend: str = "auto") -> tuple[nnx.Module, dict]:
+  """A copy of `model` with the matching Linears codebook-quantized; returns (model, report).
+
+  The report maps each layer to its relative output error after initialisation and after
+  each quantizer round.
+  """
+  paths = select_linears(model, pattern)
+  for name, path in paths.items():
+    mod = model
+    for p in path:
+      mod = mod[p] if isinstance(p, int) else getattr(mod, p)
+    fmt.check_shape(*mod.kernel.shape)
+  inputs = capture_inputs(model, calib_tokens, paths)
+  qmodel = nnx.clone(model)
+  report = {}
+  for name, path in paths.items():
+    mod = model
+    for p in path:
+      mod = mod[p] if isinstance(p, int) else getattr(mod, p)
+    q, history = codebook.quantize_linear(mod.kernel[...], inputs[name], fmt, cfg)
+    _set(qmodel, path, CodebookLinear(q, dtype=mod.dtype, backend=backend))
+    report[name] = history
+  return qmodel, report
