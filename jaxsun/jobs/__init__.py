@@ -15,6 +15,7 @@ import os
 JOBS = {
     "quickstart": "jaxsun.jobs.quickstart:run",
     "lm": "jaxsun.jobs.lm:run",
+    "codebook_quant": "jaxsun.jobs.codebook_quant:run",
 }
 
 
