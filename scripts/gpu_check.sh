@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
   >"$OUT/nvidia_smi.csv" 2>&1
 python -m pip install -q --no-index --find-links .gpu_wheels pytest >"$OUT/pip.txt" 2>&1
 python -c "import jax; print(jax.__version__, jax.devices())" >"$OUT/jax.txt" 2>&1
-timeout 240 python -m pytest -q -p no:cacheprovider tests/test_psumbook_gemm.py \
+timeout 240 python -m pytest -q -p no:cacheprovider tests/test_psumbook_gemm.py tests/test_psumbook_ffi.py \
   >"$OUT/kernel_tests.txt" 2>&1
 echo "kernel tests exit $?" >>"$OUT/kernel_tests.txt"
 timeout 280 python -m experiments.benchmarks.psumbook --formats m1v4g128,m2v8g128 \

@@ -30,6 +30,9 @@ by a deterministic `sum` afterwards):
   pointer gathers), exact with `precision=HIGHEST`.
 * `dequant`: per group of g inputs, W's rows are gathered from the flattened codebooks,
   scaled, and multiplied on the tensor cores (the prefill path and the baseline).
+* `ffi` (GPU, CUDA C++ through the XLA FFI, `cuda/psumbook_gemv.cu`): the CodeGEMM
+  design, a K-tiled Psumbook built in shared memory, 32-bit code loads, deterministic
+  split-K; see `ffi.py`.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.psumbook_gemm.format import CodebookFormat, QuantizedWeight, validate
 
-BACKENDS = ("auto", "gather", "onehot", "dequant", "xla", "xla_dequant")
+BACKENDS = ("auto", "gather", "onehot", "dequant", "ffi", "xla", "xla_dequant")
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -315,7 +318,9 @@ def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = N
     x: f32/bf16[B, K] activations.
     w: the `QuantizedWeight`.
     tiles: tiling knobs (`Tiles`); defaults fit the problem.
-    backend: "gather" (GPU Psumbook lookups), "onehot" (TPU Psumbook as one-hot
+    backend: "gather" (GPU Psumbook lookups), "ffi" (the CUDA kernel with the Psumbook
+      in shared memory, `ffi.psumbook_gemv_ffi`; its CPU twin off GPU; B <= 16),
+      "onehot" (TPU Psumbook as one-hot
       matmuls; also lowers for GPU), "dequant" (GPU: dequantize on chip, then matmul),
       "xla" (the jnp Psumbook reference), "xla_dequant" (XLA dequantizes, then a dense
       dot), or "auto": the platform's lookup kernel while B <= `max_lookup_batch`, and
@@ -336,6 +341,9 @@ def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = N
     return psumbook_matmul_reference(x, w)
   if backend == "xla_dequant":
     return dequant_matmul_reference(x, w)
+  if backend == "ffi":
+    from pallas_kernels.psumbook_gemm import ffi  # pylint: disable=import-outside-toplevel
+    return ffi.psumbook_gemv_ffi(x, w)
   if backend == "dequant":
     return dequant_matmul(x, w, tiles=tiles, poison=poison, interpret=interpret)
   fmt.check_backend("tpu" if backend == "onehot" else "gpu")
