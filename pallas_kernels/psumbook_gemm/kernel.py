@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels import _util
 from pallas_kernels.psumbook_gemm.format import CodebookFormat, QuantizedWeight, validate
 
 BACKENDS = ("auto", "gather", "onehot", "dequant", "ffi", "xla", "xla_dequant")
@@ -192,21 +193,7 @@ def _onehot_kernel(p_ref, codes_ref, s_ref, o_ref, *, fmt: CodebookFormat, bk: i
   o_ref[0] = lax.fori_loop(0, bk // fmt.g, group, jnp.zeros((bsz, bn), jnp.float32))
 
 
-def _call(kernel, args, in_specs, out_shape, out_spec, grid, poison, interpret):
-  """`pl.pallas_call`; with `poison`, the output starts filled with it (aliased input),
-  so a tile the kernel forgot to write shows up in tests instead of stale memory."""
-  if poison is None:
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                          out_specs=out_spec, interpret=interpret)(*args)
-
-  def poisoned(*refs):
-    kernel(*refs[:-2], refs[-1])  # drop the aliased input; the kernel writes the output
-
-  init = jnp.full(out_shape.shape, poison, out_shape.dtype)
-  return pl.pallas_call(poisoned, out_shape=out_shape, grid=grid,
-                        in_specs=[*in_specs, out_spec], out_specs=out_spec,
-                        input_output_aliases={len(args): 0}, interpret=interpret)(
-                            *args, init)
+_call = _util.pallas_call
 
 
 def _gather_call(x, w: QuantizedWeight, fmt: CodebookFormat, t: Tiles, poison, interpret):

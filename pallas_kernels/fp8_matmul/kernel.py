@@ -1,0 +1,242 @@
+"""FP8 matmul: y = (qa * sa) @ (qb * sb) (+ bias), float32 accumulation, scales in the
+epilogue (or per K block), bf16 or f32 output.
+
+    y = fp8_matmul(qa, sa, qb, sb, bias=None, out_dtype=jnp.bfloat16)
+
+Operands: `qa: f8[M, K]` (activations), `qb: f8[K, N]` (weights), E4M3 or E5M2 (the same
+type for both in the Pallas kernels: Triton rejects mixed fp8 operands). Scales, by shape:
+
+    per tensor   sa f32[1, 1]        sb f32[1, 1]
+    per row/col  sa f32[M, 1]        sb f32[1, N]         (tokens x output channels)
+    block        sa f32[M, K/128]    sb f32[K/128, N/128] (1x128 and 128x128 tiles)
+
+Per-tensor and per-row/column scales factor out of the K sum, so they are applied once in
+the epilogue; block scales change along K, so each 128-wide K step's partial product is
+scaled before it is added (DeepSeek-V3 style).
+
+Accumulation: `promote_every=n` sums n K steps in an inner accumulator before adding it
+to the float32 total; `acc_mantissa_bits=b` truncates the inner accumulator to b
+mantissa bits after every step. Together they model hardware whose FP8 tensor cores
+accumulate with fewer bits than float32 (Hopper's is reported at about 14) and the
+"promote to CUDA cores every N steps" remedy; the defaults (None) accumulate in float32.
+
+Backends: "pallas" (`pl.pallas_call`: Triton on GPU, also the TPU form), "mosaic"
+(`mosaic.py`: the Hopper TMA + wgmma kernel), "xla" (`jnp.dot` on f8 operands, which XLA
+lowers to cuBLASLt FP8 on Hopper), "auto". `fp8_matmul_reference` computes the same in
+float32 at the highest precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _util
+
+FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
+BACKENDS = ("auto", "pallas", "mosaic", "xla")
+SCALE_BLOCK = 128
+HIGHEST = lax.Precision.HIGHEST
+
+
+def scale_mode(qa: jax.Array, sa: jax.Array, qb: jax.Array, sb: jax.Array) -> str:
+  """"tensor", "rowcol" or "block" from the scale shapes; raises on anything else."""
+  if qa.ndim != 2 or qb.ndim != 2 or qa.shape[1] != qb.shape[0]:
+    raise ValueError(f"qa must be [M, K] and qb [K, N]; got {qa.shape} and {qb.shape}")
+  for name, q in (("qa", qa), ("qb", qb)):
+    if q.dtype not in FP8_DTYPES:
+      raise ValueError(f"{name} must be float8_e4m3fn or float8_e5m2, got {q.dtype}")
+  (m, k), n = qa.shape, qb.shape[1]
+  sa_shape, sb_shape = tuple(sa.shape), tuple(sb.shape)
+  if sa_shape == (1, 1) and sb_shape == (1, 1):
+    return "tensor"
+  if sa_shape in ((m, 1), (1, 1)) and sb_shape in ((1, n), (1, 1)):
+    return "rowcol"
+  if k % SCALE_BLOCK == 0 and n % SCALE_BLOCK == 0 and sa_shape == (m, k // SCALE_BLOCK) \
+      and sb_shape == (k // SCALE_BLOCK, n // SCALE_BLOCK):
+    return "block"
+  raise ValueError(
+      f"scale shapes sa{sa_shape} sb{sb_shape} match no scaling for qa{qa.shape} "
+      f"qb{qb.shape}: use [1,1]/[1,1] (tensor), [M,1]/[1,N] (row/column) or "
+      f"[M,K/128]/[K/128,N/128] (block; K and N multiples of 128)")
+
+
+def _expand(s: jax.Array, rows: int, cols: int) -> jax.Array:
+  return jnp.repeat(jnp.repeat(s, rows // s.shape[0], 0), cols // s.shape[1], 1)
+
+
+def fp8_matmul_reference(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32) -> jax.Array:
+  """The float32 result: dequantize both operands, multiply at HIGHEST precision."""
+  scale_mode(qa, sa, qb, sb)
+  a = qa.astype(jnp.float32) * _expand(sa.astype(jnp.float32), *qa.shape)
+  b = qb.astype(jnp.float32) * _expand(sb.astype(jnp.float32), *qb.shape)
+  y = jnp.dot(a, b, precision=HIGHEST)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(out_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Tiling knobs of the Pallas kernel (speed only; numerics change only by float
+  reassociation, except that `promote_every` and `acc_mantissa_bits` are numerics).
+
+  Attributes:
+    block_m, block_n: output tile; block scales need block_n == 128.
+    block_k: K step; block scales need 128.
+  """
+
+  block_m: int = 128
+  block_n: int = 128
+  block_k: int = 128
+
+  def __post_init__(self):
+    for name in ("block_m", "block_n", "block_k"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"Tiles.{name}={v!r} must be a positive integer")
+
+
+def _truncate_mantissa(x: jax.Array, bits: int | None) -> jax.Array:
+  """Keeps `bits` mantissa bits of float32 values (truncation, as an accumulator would)."""
+  if bits is None or bits >= 23:
+    return x
+  mask = jnp.uint32((0xFFFFFFFF << (23 - bits)) & 0xFFFFFFFF)
+  return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.uint32) & mask,
+                                  jnp.float32)
+
+
+def _kernel(a_ref, b_ref, sa_ref, sb_ref, bias_ref, o_ref, *, mode: str, bk: int, nk: int,
+            promote_every: int, acc_bits: int | None):
+  # a_ref:    f8[bm, K]        b_ref: f8[K, bn]
+  # sa_ref:   f32[bm, 1] | f32[1, 1] | f32[bm, K/128]
+  # sb_ref:   f32[1, bn] | f32[1, 1] | f32[1, K/128, 1] (block: this N tile's scales)
+  # bias_ref: f32[1, bn]           o_ref: out[bm, bn]
+  bm, bn = o_ref.shape
+
+  def group(gi, total):
+    def step(kk, part):
+      k = gi * promote_every + kk
+      p = jnp.dot(a_ref[:, pl.ds(k * bk, bk)], b_ref[pl.ds(k * bk, bk), :],
+                  preferred_element_type=jnp.float32)  # f32[bm, bn]
+      if mode == "block":
+        p = p * sa_ref[:, pl.ds(k, 1)] * sb_ref[0, pl.ds(k, 1), :]
+      return _truncate_mantissa(part + p, acc_bits)
+    return total + lax.fori_loop(0, promote_every, step, jnp.zeros((bm, bn), jnp.float32))
+
+  acc = lax.fori_loop(0, nk // promote_every, group, jnp.zeros((bm, bn), jnp.float32))
+  if mode != "block":
+    acc = acc * sa_ref[...] * sb_ref[...]
+  o_ref[...] = (acc + bias_ref[...]).astype(o_ref.dtype)
+
+
+def fp8_matmul_pallas(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32,
+                      tiles: Tiles | None = None, promote_every: int | None = None,
+                      acc_mantissa_bits: int | None = None, poison: float | None = None,
+                      interpret=False) -> jax.Array:
+  """The `pl.pallas_call` kernel (Triton on GPU; see the module docstring). `poison`
+  fills the output buffer before the kernel runs (tests)."""
+  mode = scale_mode(qa, sa, qb, sb)
+  if qa.dtype != qb.dtype:
+    raise ValueError(f"the Pallas kernel needs one fp8 type for both operands, got "
+                     f"{qa.dtype} and {qb.dtype}")
+  (m, k), n = qa.shape, qb.shape[1]
+  t = tiles or Tiles()
+  bm, bn, bk = min(t.block_m, m), min(t.block_n, n), min(t.block_k, k)
+  if mode == "block" and (bn != SCALE_BLOCK or bk != SCALE_BLOCK):
+    raise ValueError(f"block scales need Tiles.block_n == Tiles.block_k == {SCALE_BLOCK}")
+  for name, size, tile in (("M", m, bm), ("N", n, bn), ("K", k, bk)):
+    if size % tile:
+      raise ValueError(f"{name}={size} must be a multiple of its tile {tile} (Tiles)")
+  nk = k // bk
+  promote_every = nk if promote_every is None else promote_every
+  if promote_every < 1 or nk % promote_every:
+    raise ValueError(f"promote_every={promote_every} must divide the {nk} K steps")
+  sa = sa.astype(jnp.float32)
+  sb = sb.astype(jnp.float32)
+  bias = (jnp.zeros((1, n), jnp.float32) if bias is None
+          else bias.astype(jnp.float32).reshape(1, n))
+  if sa.shape == (1, 1) and mode == "rowcol":
+    sa = jnp.broadcast_to(sa, (m, 1))
+  if sb.shape == (1, 1) and mode == "rowcol":
+    sb = jnp.broadcast_to(sb, (1, n))
+  if mode == "tensor":
+    sa_spec = pl.BlockSpec((1, 1), lambda i, j: (0, 0))
+    sb_spec = pl.BlockSpec((1, 1), lambda i, j: (0, 0))
+  elif mode == "rowcol":
+    sa_spec = pl.BlockSpec((bm, 1), lambda i, j: (i, 0))
+    sb_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
+  else:
+    sa_spec = pl.BlockSpec((bm, nk), lambda i, j: (i, 0))
+    # [N/128, K/128, 1]: TPU blocks need their last two dims full (or (8, 128)-aligned).
+    sb = sb.T.reshape(n // SCALE_BLOCK, nk, 1)
+    sb_spec = pl.BlockSpec((1, nk, 1), lambda i, j: (j, 0, 0))
+  kernel = functools.partial(_kernel, mode=mode, bk=bk, nk=nk, promote_every=promote_every,
+                             acc_bits=acc_mantissa_bits)
+  return _util.pallas_call(
+      kernel, (qa, qb, sa, sb, bias),
+      [pl.BlockSpec((bm, k), lambda i, j: (i, 0)), pl.BlockSpec((k, bn), lambda i, j: (0, j)),
+       sa_spec, sb_spec, pl.BlockSpec((1, bn), lambda i, j: (0, j))],
+      jax.ShapeDtypeStruct((m, n), out_dtype), pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      (m // bm, n // bn), poison, interpret)
+
+
+def fp8_matmul_xla(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32) -> jax.Array:
+  """`jnp.dot` on the f8 operands (cuBLASLt FP8 on Hopper), scales applied after."""
+  mode = scale_mode(qa, sa, qb, sb)
+  if mode == "block":  # scales vary along K: dequantize (no single FP8 GEMM applies)
+    return fp8_matmul_reference(qa, sa, qb, sb, bias, out_dtype=out_dtype)
+  y = jnp.dot(qa, qb, preferred_element_type=jnp.float32)
+  y = y * sa.astype(jnp.float32) * sb.astype(jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(out_dtype)
+
+
+def fp8_matmul(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32, backend: str = "auto",
+               tiles: Tiles | None = None, promote_every: int | None = None,
+               acc_mantissa_bits: int | None = None, poison: float | None = None,
+               interpret=False) -> jax.Array:
+  """y = (qa * sa) @ (qb * sb) + bias (see the module docstring).
+
+  Args:
+    qa, qb: f8[M, K], f8[K, N].
+    sa, sb: scales (shapes select tensor / row-column / block scaling).
+    bias: optional f[N].
+    out_dtype: float32 or bfloat16.
+    backend: "pallas", "mosaic" (Hopper; K-major B is made here), "xla", or "auto"
+      ("mosaic" on a Hopper GPU for tensor/row-column scales, else "pallas" on GPU and
+      TPU, "xla" on CPU unless `interpret`).
+    tiles: Pallas tiling knobs.
+    promote_every, acc_mantissa_bits: accumulation model (Pallas backend).
+    poison: for tests: the Pallas kernel's output buffer starts filled with it.
+    interpret: run the kernel in interpret mode (Mosaic: the GPU interpreter).
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+  mode = scale_mode(qa, sa, qb, sb)
+  if backend == "auto":
+    platform = jax.default_backend()
+    if platform == "cpu" and not interpret:
+      backend = "xla"
+    elif platform == "gpu" and mode != "block" and promote_every is None \
+        and acc_mantissa_bits is None \
+        and any(h in jax.devices()[0].device_kind for h in ("H100", "H200")):
+      backend = "mosaic"
+    else:
+      backend = "pallas"
+  if backend == "xla":
+    return fp8_matmul_xla(qa, sa, qb, sb, bias, out_dtype=out_dtype)
+  if backend == "mosaic":
+    from pallas_kernels.fp8_matmul import mosaic  # pylint: disable=import-outside-toplevel
+    return mosaic.fp8_matmul_mosaic(qa, sa, qb, sb, bias, out_dtype=out_dtype,
+                                    interpret=interpret)
+  return fp8_matmul_pallas(qa, sa, qb, sb, bias, out_dtype=out_dtype, tiles=tiles,
+                           promote_every=promote_every,
+                           acc_mantissa_bits=acc_mantissa_bits, poison=poison,
+                           interpret=interpret)
