@@ -1,0 +1,176 @@
+r"""Benchmark: our FP8 matmul kernels vs XLA bf16 and XLA's FP8 (cuBLASLt on Hopper).
+
+    python -m experiments.benchmarks.fp8_matmul            # GPU: square and thin GEMMs
+    python -m experiments.benchmarks.fp8_matmul --tiny     # CPU: small shapes, interpret
+
+Shapes: square M = K = N in (4096, 8192, 16384) and thin GEMMs M in (1, 16, 64, 128) with
+K = N = 8192. Each method runs `--reps` times inside one jitted loop (the operands pass
+an `optimization_barrier` with the loop index, so nothing is hoisted); time per call is
+the median over `--trials`. Methods: "pallas" (Triton), "mosaic" (Hopper TMA + wgmma),
+"xla_fp8" (`jnp.dot` on f8 operands), "xla_bf16". Accuracy: relative error against the
+float32 product of the unquantized operands, per scaling granularity. Writes
+`fp8_matmul_<machine>.json` and `.md` to `experiments/benchmarks/results/` (or `--out`).
+Imports jax, pallas_kernels and jaxsun.quant only.
+
+Targets (issue 5, H100/H200, one run): 8192^3 at least 1.3x XLA's cuBLASLt FP8; thin
+GEMMs at least 1.5x XLA bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxsun.quant import fp8
+from pallas_kernels import fp8_matmul as fm
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+GPU_SHAPES = ([(s, s, s) for s in (4096, 8192, 16384)]
+              + [(m, 8192, 8192) for m in (1, 16, 64, 128)])
+TINY_SHAPES = [(256, 256, 256), (16, 256, 256)]
+
+
+def _time(fn, args, reps: int, trials: int) -> float:
+  @jax.jit
+  def many(*args):
+    def body(i, acc):
+      xs = lax.optimization_barrier((args, i))[0]  # loop-variant: no hoisting
+      return acc + fn(*xs)[0, 0].astype(jnp.float32)
+    return lax.fori_loop(0, reps, body, jnp.zeros((), jnp.float32))
+
+  many(*args).block_until_ready()
+  times = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    many(*args).block_until_ready()
+    times.append((time.perf_counter() - t0) / reps)
+  return statistics.median(times)
+
+
+def run(shapes, *, reps: int, trials: int, interpret: bool, with_mosaic: bool) -> dict:
+  dev = jax.devices()[0]
+  out = {"benchmark": "fp8_matmul",
+         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "machine": {"device_kind": dev.device_kind, "platform": dev.platform},
+         "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__,
+                      "python": platform.python_version()},
+         "interpret": interpret, "reps": reps, "trials": trials, "cases": [],
+         "accuracy": {}}
+  for m, k, n in shapes:
+    ka, kb = jax.random.split(jax.random.key(m + k + n))
+    a = jax.random.normal(ka, (m, k), jnp.float32)
+    b = jax.random.normal(kb, (k, n), jnp.float32) * 0.05
+    qa, sa = fp8.quantize(a, "e4m3", block=(1, k))    # per token
+    qb, sb = fp8.quantize(b, "e4m3", block=(k, 1))    # per output channel
+    a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    methods = {
+        "pallas": (lambda qa, sa, qb, sb: fm.fp8_matmul(qa, sa, qb, sb, backend="pallas",
+                                                        out_dtype=jnp.bfloat16,
+                                                        interpret=interpret),
+                   (qa, sa, qb, sb)),
+        "xla_fp8": (lambda qa, sa, qb, sb: fm.fp8_matmul(qa, sa, qb, sb, backend="xla",
+                                                         out_dtype=jnp.bfloat16),
+                    (qa, sa, qb, sb)),
+        "xla_bf16": (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16),
+                     (a16, b16)),
+    }
+    if with_mosaic and m % 128 == 0:
+      methods["mosaic"] = (lambda qa, sa, qb, sb: fm.fp8_matmul(
+          qa, sa, qb, sb, backend="mosaic", out_dtype=jnp.bfloat16,
+          interpret=interpret), (qa, sa, qb, sb))
+    flops = 2.0 * m * k * n
+    case = {"M": m, "K": k, "N": n, "methods": {}}
+    for name, (fn, args) in methods.items():
+      sec = _time(fn, args, reps, trials)
+      case["methods"][name] = {"us": sec * 1e6, "tflop_s": flops / sec / 1e12}
+    t = {k_: v["us"] for k_, v in case["methods"].items()}
+    ours = min((x for x in t if x in ("pallas", "mosaic")), key=t.get)
+    case.update(best_ours=ours, speedup_vs_xla_fp8=t["xla_fp8"] / t[ours],
+                speedup_vs_xla_bf16=t["xla_bf16"] / t[ours])
+    out["cases"].append(case)
+    print(f"M={m:5d} K={k:5d} N={n:5d}  " + "  ".join(
+        f"{x} {v['tflop_s']:8.2f} TFLOP/s" for x, v in case["methods"].items())
+          + f"  best {ours}: x{case['speedup_vs_xla_fp8']:.2f} vs XLA fp8, "
+          f"x{case['speedup_vs_xla_bf16']:.2f} vs bf16", flush=True)
+  # Accuracy per scaling granularity (one mid-size problem, outlier rows).
+  ka, kb, kc = jax.random.split(jax.random.key(7), 3)
+  a = jax.random.normal(ka, (256, 512)) * 10.0 ** jax.random.uniform(kc, (256, 1), minval=-3,
+                                                                       maxval=1)
+  b = jax.random.normal(kb, (512, 256)) * 0.05
+  exact = jnp.dot(a, b, precision=lax.Precision.HIGHEST)
+  for fmt_name in ("e4m3", "e5m2", "e4m3_g2"):
+    for gran in ("tensor", "row", "block128"):
+      qa, sa = fp8.quantize(a, fmt_name, block=fp8.block_for(gran, a.shape, operand="lhs"))
+      gb = "column" if gran == "row" else gran
+      qb, sb = fp8.quantize(b, fmt_name, block=fp8.block_for(gb, b.shape, operand="rhs"))
+      y = fm.fp8_matmul(qa, sa, qb, sb, backend="pallas", interpret=interpret)
+      row_err = jnp.linalg.norm(y - exact, axis=1) / jnp.linalg.norm(exact, axis=1)
+      out["accuracy"][f"{fmt_name}_{gran}"] = {
+          "mean_row_rel_err": float(jnp.mean(row_err)),
+          "rel_err": float(jnp.linalg.norm(y - exact) / jnp.linalg.norm(exact))}
+  return out
+
+
+def markdown(r: dict) -> str:
+  m = r["machine"]
+  lines = [f"# FP8 matmul on {m['device_kind']} ({m['platform']}), jax {r['versions']['jax']}, "
+           f"{r['date']}", ""]
+  if r["interpret"]:
+    lines += ["Interpret mode (CPU): timings are not kernel speed.", ""]
+  names = sorted({x for c in r["cases"] for x in c["methods"]})
+  lines += ["| M | K | N | " + " | ".join(f"{x} TFLOP/s" for x in names)
+            + " | best | x vs XLA fp8 | x vs XLA bf16 |",
+            "|---" * (3 + len(names) + 3) + "|"]
+  for c in r["cases"]:
+    cells = [f"{c['methods'][x]['tflop_s']:.2f}" if x in c["methods"] else "-" for x in names]
+    lines.append(f"| {c['M']} | {c['K']} | {c['N']} | " + " | ".join(cells)
+                 + f" | {c['best_ours']} | {c['speedup_vs_xla_fp8']:.2f} | "
+                 f"{c['speedup_vs_xla_bf16']:.2f} |")
+  lines += ["", "| recipe | mean row rel. err | rel. err |", "|---|---|---|"]
+  lines += [f"| {k} | {v['mean_row_rel_err']:.4f} | {v['rel_err']:.4f} |"
+            for k, v in r["accuracy"].items()]
+  return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--tiny", action="store_true", help="small shapes in interpret mode (CPU)")
+  ap.add_argument("--reps", type=int, default=None)
+  ap.add_argument("--trials", type=int, default=5)
+  ap.add_argument("--out", default=str(RESULTS))
+  args = ap.parse_args(argv)
+  on_gpu = jax.default_backend() == "gpu"
+  tiny = args.tiny or not on_gpu
+  result = run(TINY_SHAPES if tiny else GPU_SHAPES, reps=args.reps or (2 if tiny else 20),
+               trials=2 if tiny else args.trials, interpret=not on_gpu,
+               with_mosaic=on_gpu)
+  kind = result["machine"]["device_kind"].replace(" ", "_").lower()
+  stem = f"fp8_matmul_{'tiny_' if tiny else ''}{kind}"
+  out = pathlib.Path(args.out)
+  _write_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+  _write_atomic(out / f"{stem}.md", markdown(result))
+  print(f"wrote {out / (stem + '.json')} and .md")
+  return result
+
+
+if __name__ == "__main__":
+  main()
