@@ -35,6 +35,9 @@ class ModelConfig:
     param_dtype: dtype the parameters are stored in.
     compute_dtype: dtype of matmul inputs; norms, softmax and logits are float32.
     attention: attention kind, a key of `jaxsun.nn.attention.ATTENTION_KINDS`.
+    fp8: FP8 matmuls in the attention and MLP projections: "none", "delayed" (training:
+      E4M3 forward, E5M2 gradients, delayed per-tensor scales) or "current" (inference:
+      per-token / per-channel current scales). See `jaxsun.nn.fp8_linear`.
     init_std: standard deviation of the normal initialiser of weight matrices.
     name: a label (the preset's name), informational only.
   """
@@ -53,6 +56,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   attention: str = "softmax"
+  fp8: str = "none"
   init_std: float = 0.02
   name: str = "custom"
 
@@ -86,6 +90,9 @@ class ModelConfig:
       if getattr(self, field) not in DTYPES:
         raise ValueError(
             f"ModelConfig.{field}={getattr(self, field)!r} is not one of {DTYPES}.")
+    if self.fp8 not in ("none", "delayed", "current"):
+      raise ValueError(f"ModelConfig.fp8={self.fp8!r} is not one of "
+                       "('none', 'delayed', 'current').")
     from jaxsun.nn import attention  # pylint: disable=g-import-not-at-top  (registry)
     if self.attention not in attention.ATTENTION_KINDS:
       raise ValueError(

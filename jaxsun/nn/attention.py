@@ -25,6 +25,7 @@ variants.py holds a complete, tested example.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsun import kv_cache
+from jaxsun.nn import fp8_linear
 from jaxsun.nn import layers
 
 ATTENTION_KINDS: dict[str, type[Attention]] = {}
@@ -96,10 +98,11 @@ class Attention(nnx.Module):
     self.rope_theta = cfg.rope_theta
     self.dtype = cfg.dtype
     kw = dict(std=cfg.init_std, param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs)
-    self.q_proj = layers.Linear(cfg.d_model, cfg.q_dim, ("embed", "heads"), **kw)
-    self.k_proj = layers.Linear(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
-    self.v_proj = layers.Linear(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
-    self.o_proj = layers.Linear(cfg.q_dim, cfg.d_model, ("heads", "embed"), **kw)
+    dense = functools.partial(fp8_linear.dense, cfg.fp8)  # Linear, or Fp8Linear by config
+    self.q_proj = dense(cfg.d_model, cfg.q_dim, ("embed", "heads"), **kw)
+    self.k_proj = dense(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
+    self.v_proj = dense(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
+    self.o_proj = dense(cfg.q_dim, cfg.d_model, ("heads", "embed"), **kw)
 
   def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
     """Per-sequence cache state of this variant (none for softmax)."""

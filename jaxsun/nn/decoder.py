@@ -47,7 +47,8 @@ class Block(nnx.Module):
     self.attn = attention_lib.ATTENTION_KINDS[cfg.attention](cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.mlp = layers.SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std,
-                             param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs)
+                             param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs,
+                             fp8=cfg.fp8)
 
   def __call__(self, x, positions, *, cache=None, lengths=None, new_lengths=None,
                segment_ids=None):

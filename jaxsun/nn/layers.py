@@ -10,6 +10,8 @@ and everything statistical run in float32.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -76,11 +78,13 @@ class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)), the Llama MLP."""
 
   def __init__(self, d_model: int, d_ff: int, *, std: float, param_dtype, dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, fp8: str = "none"):
+    from jaxsun.nn import fp8_linear  # pylint: disable=g-import-not-at-top  (cycle)
     kw = dict(std=std, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-    self.gate_proj = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
-    self.up_proj = Linear(d_model, d_ff, ("embed", "mlp"), **kw)
-    self.down_proj = Linear(d_ff, d_model, ("mlp", "embed"), **kw)
+    dense = functools.partial(fp8_linear.dense, fp8)  # Linear, or Fp8Linear by config
+    self.gate_proj = dense(d_model, d_ff, ("embed", "mlp"), **kw)
+    self.up_proj = dense(d_model, d_ff, ("embed", "mlp"), **kw)
+    self.down_proj = dense(d_ff, d_model, ("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from jaxsun.nn.fp8_linear import Fp8Meta
 from jaxsun.split import (TRAINABILITY, SplitModel, combine, next_token_loss_sums,
                           partition)
 from jaxsun.train.optim import OptimizerConfig, make_optimizer
@@ -95,6 +96,14 @@ class TrainState:
   rng: jax.Array
 
 
+def _variable_mask(tree, predicate):
+  """A tree shaped like `tree`'s arrays: predicate(variable) for each nnx Variable's leaves."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda v: jax.tree.map(lambda _: bool(predicate(v)), v), tree,
+                      is_leaf=is_var)
+
+
 def _to_device_batch(batch: Mapping[str, Any]) -> dict:
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
@@ -146,7 +155,11 @@ class Trainer:
     trainable, self.frozen = partition(split, config.trainability)
     # Donation deletes the input buffers; the caller's model may share these arrays.
     trainable = jax.tree.map(jnp.copy, trainable)
-    self.tx, self.schedule = make_optimizer(config.optimizer, config.steps)
+    # FP8 scaling state (Fp8Meta) is overwritten with its "gradient", never optimized.
+    self._is_meta = _variable_mask(trainable, lambda v: isinstance(v, Fp8Meta))
+    tx, self.schedule = make_optimizer(config.optimizer, config.steps)
+    labels = jax.tree.map(lambda m: "meta" if m else "param", self._is_meta)
+    self.tx = optax.multi_transform({"param": tx, "meta": optax.set_to_zero()}, labels)
     self.state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                             opt_state=self.tx.init(trainable),
                             rng=jax.random.key_data(jax.random.key(config.seed)))
@@ -185,15 +198,20 @@ class Trainer:
       def body(carry, mb):
         g_acc, l_acc, c_acc = carry
         (l, c), g = grad_fn(state.params, frozen, mb)
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+        # FP8 amax histories of micro-batches combine with max, gradients with sum.
+        g_acc = jax.tree.map(lambda m, a, b: jnp.maximum(a, b) if m else a + b,
+                             self._is_meta, g_acc, g)
+        return (g_acc, l_acc + l, c_acc + c), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grad_sum, loss_sum, count), _ = jax.lax.scan(
           body, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    grads = jax.tree.map(lambda m, g: g if m else g / denom, self._is_meta, grad_sum)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = jax.tree.map(lambda m, p, u, g: g.astype(p.dtype) if m else
+                          (p + u).astype(p.dtype), self._is_meta, state.params, updates, grads)
+    grads = jax.tree.map(lambda m, g: jnp.zeros_like(g) if m else g, self._is_meta, grads)
     rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": self.schedule(state.step), "target_tokens": count}
