@@ -124,3 +124,12 @@ def test_bad_inputs_are_clear_errors():
     fm.fp8_matmul(qa, sa, qb, sb, backend="triton")
   with pytest.raises(ValueError, match="qa must be \\[M, K\\]"):
     fm.fp8_matmul(qa, sa, qb[:100], sb)
+
+
+@pytest.mark.parametrize("gran", ["row", "block128"])
+def test_pallas_kernel_in_tpu_interpret_mode(gran):
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  qa, sa, qb, sb, bias = _operands("e4m3", gran, m=128, k=256, n=128)
+  out = fm.fp8_matmul(qa, sa, qb, sb, bias, backend="pallas", poison=float("nan"),
+                      interpret=pltpu.InterpretParams(uninitialized_memory="nan"))
+  assert _rel(out, fm.fp8_matmul_reference(qa, sa, qb, sb, bias)) < 1e-5
