@@ -4,9 +4,9 @@ r"""Benchmark: our FP8 matmul kernels vs XLA bf16 and XLA's FP8 (cuBLASLt on Hop
     python -m experiments.benchmarks.fp8_matmul --tiny     # CPU: small shapes, interpret
 
 Shapes: square M = K = N in (4096, 8192, 16384) and thin GEMMs M in (1, 16, 64, 128) with
-K = N = 8192. Each method runs `--reps` times inside one jitted loop (the operands pass
-an `optimization_barrier` with the loop index, so nothing is hoisted); time per call is
-the median over `--trials`. Methods: "pallas" (Triton), "mosaic" (Hopper TMA + wgmma),
+K = N = 8192. Each method runs `--reps` times inside one jitted loop
+(`common.time_per_call`: nothing hoisted or sliced away); time per call is the median
+over `--trials`. Methods: "pallas" (Triton), "mosaic" (Hopper TMA + wgmma),
 "xla_fp8" (`jnp.dot` on f8 operands), "xla_bf16". Accuracy: relative error against the
 float32 product of the unquantized operands, per scaling granularity. Writes
 `fp8_matmul_<machine>.json` and `.md` to `experiments/benchmarks/results/` (or `--out`).
@@ -19,54 +19,22 @@ GEMMs at least 1.5x XLA bf16.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import pathlib
-import platform
-import statistics
-import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from experiments.benchmarks import common
 from jaxsun.quant import fp8
 from pallas_kernels import fp8_matmul as fm
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 GPU_SHAPES = ([(s, s, s) for s in (4096, 8192, 16384)]
               + [(m, 8192, 8192) for m in (1, 16, 64, 128)])
 TINY_SHAPES = [(256, 256, 256), (16, 256, 256)]
 
 
-def _time(fn, args, reps: int, trials: int) -> float:
-  @jax.jit
-  def many(*args):
-    def body(i, acc):
-      xs = lax.optimization_barrier((args, i))[0]  # loop-variant: no hoisting
-      return acc + fn(*xs)[0, 0].astype(jnp.float32)
-    return lax.fori_loop(0, reps, body, jnp.zeros((), jnp.float32))
-
-  many(*args).block_until_ready()
-  times = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    many(*args).block_until_ready()
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times)
-
-
 def run(shapes, *, reps: int, trials: int, interpret: bool, with_mosaic: bool) -> dict:
-  dev = jax.devices()[0]
-  out = {"benchmark": "fp8_matmul",
-         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-         "machine": {"device_kind": dev.device_kind, "platform": dev.platform},
-         "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__,
-                      "python": platform.python_version()},
-         "interpret": interpret, "reps": reps, "trials": trials, "cases": [],
-         "accuracy": {}}
+  out = common.environment(benchmark="fp8_matmul", interpret=interpret, reps=reps,
+                           trials=trials, cases=[], accuracy={})
   for m, k, n in shapes:
     ka, kb = jax.random.split(jax.random.key(m + k + n))
     a = jax.random.normal(ka, (m, k), jnp.float32)
@@ -92,7 +60,7 @@ def run(shapes, *, reps: int, trials: int, interpret: bool, with_mosaic: bool) -
     flops = 2.0 * m * k * n
     case = {"M": m, "K": k, "N": n, "methods": {}}
     for name, (fn, args) in methods.items():
-      sec = _time(fn, args, reps, trials)
+      sec = common.time_per_call(fn, args, reps=reps, trials=trials)
       case["methods"][name] = {"us": sec * 1e6, "tflop_s": flops / sec / 1e12}
     t = {k_: v["us"] for k_, v in case["methods"].items()}
     ours = min((x for x in t if x in ("pallas", "mosaic")), key=t.get)
@@ -143,32 +111,20 @@ def markdown(r: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--tiny", action="store_true", help="small shapes in interpret mode (CPU)")
   ap.add_argument("--reps", type=int, default=None)
   ap.add_argument("--trials", type=int, default=5)
-  ap.add_argument("--out", default=str(RESULTS))
+  ap.add_argument("--out", default=str(common.RESULTS))
   args = ap.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   tiny = args.tiny or not on_gpu
   result = run(TINY_SHAPES if tiny else GPU_SHAPES, reps=args.reps or (2 if tiny else 20),
                trials=2 if tiny else args.trials, interpret=not on_gpu,
                with_mosaic=on_gpu)
-  kind = result["machine"]["device_kind"].replace(" ", "_").lower()
-  stem = f"fp8_matmul_{'tiny_' if tiny else ''}{kind}"
-  out = pathlib.Path(args.out)
-  _write_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-  _write_atomic(out / f"{stem}.md", markdown(result))
-  print(f"wrote {out / (stem + '.json')} and .md")
+  common.write_results(result, markdown(result), name="fp8_matmul", tiny=tiny,
+                       out=args.out)
   return result
 
 

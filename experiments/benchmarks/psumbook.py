@@ -4,9 +4,9 @@ r"""Benchmark: Psumbook GEMM (Pallas and CUDA) vs the dequant kernel vs XLA's bf
     python -m experiments.benchmarks.psumbook --tiny          # CPU: small shapes, interpret
     python -m experiments.benchmarks.psumbook --formats m1v4g128,m2v8g128 --batches 1,16
 
-Each method runs `--reps` times inside one jitted `fori_loop` (the activations change
-every iteration so nothing is hoisted), so dispatch is amortised; the time per call is
-the median over `--trials` of (loop time / reps). Bytes moved count what each method must
+Each method runs `--reps` times inside one jitted loop (`common.time_per_call`: nothing
+hoisted or sliced away), so dispatch is amortised; the time per call is the median over
+`--trials` of (loop time / reps). Bytes moved count what each method must
 read: codes + scales + codebooks (+ x, y) for the quantized kernels, the bf16 weight for
 XLA. Bandwidth is compared with a device copy measured in the same run. Writes
 `psumbook_<machine>.json` (machine, versions, every number, ratios) and a markdown table
@@ -20,64 +20,16 @@ faster than the dequant kernel.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import pathlib
-import platform
-import statistics
-import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from experiments.benchmarks import common
 from pallas_kernels import psumbook_gemm as pg
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 # (name, K, N): Llama-3-8B q/o, gate/up, down, k/v; Llama-3-70B gate/up.
 GPU_SHAPES = [("8b_qo", 4096, 4096), ("8b_up", 4096, 14336), ("8b_down", 14336, 4096),
               ("8b_kv", 4096, 1024), ("70b_up", 8192, 28672)]
 TINY_SHAPES = [("tiny_a", 256, 256), ("tiny_b", 512, 256)]
-
-
-def _loop_time(fn, x, reps: int, trials: int) -> float:
-  """Median seconds per call of `fn(x)`, `reps` calls per jitted loop."""
-
-  @jax.jit
-  def many(x):
-    def body(i, acc):
-      xi = x * (1.0 + i.astype(x.dtype) * 1e-3)  # differs per call: no hoisting
-      return acc + fn(xi)[:, :8].astype(jnp.float32).sum()
-    return jax.lax.fori_loop(0, reps, body, jnp.zeros((), jnp.float32))
-
-  many(x).block_until_ready()  # compile
-  times = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    many(x).block_until_ready()
-    times.append((time.perf_counter() - t0) / reps)
-  return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int, reps: int, trials: int) -> float:
-  """GB/s of a device copy (read + write) of `nbytes` bytes, measured like the kernels."""
-  a = jnp.ones((nbytes // 4,), jnp.float32)
-
-  @jax.jit
-  def many(a):
-    def body(i, acc):
-      return acc + (a + i.astype(a.dtype))[:8].sum()
-    return jax.lax.fori_loop(0, reps, body, jnp.zeros((), jnp.float32))
-
-  many(a).block_until_ready()
-  times = []
-  for _ in range(trials):
-    t0 = time.perf_counter()
-    many(a).block_until_ready()
-    times.append((time.perf_counter() - t0) / reps)
-  return 2 * nbytes / statistics.median(times) / 1e9
 
 
 def bytes_moved(fmt: pg.CodebookFormat, b: int, k: int, n: int) -> dict:
@@ -88,18 +40,10 @@ def bytes_moved(fmt: pg.CodebookFormat, b: int, k: int, n: int) -> dict:
 
 
 def run(shapes, formats, batches, *, reps: int, trials: int, interpret: bool) -> dict:
-  dev = jax.devices()[0]
-  out = {
-      "benchmark": "psumbook_gemm",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "machine": {"device_kind": dev.device_kind, "platform": dev.platform,
-                  "num_devices": jax.device_count(), "host": platform.node()},
-      "versions": {"jax": jax.__version__, "jaxlib": jax.lib.__version__,
-                   "python": platform.python_version()},
-      "interpret": interpret, "reps": reps, "trials": trials, "cases": [],
-  }
+  out = common.environment(benchmark="psumbook_gemm", interpret=interpret, reps=reps,
+                           trials=trials, cases=[])
   largest = max(k * n * 2 for _, k, n in shapes)
-  out["copy_gb_s"] = copy_bandwidth(largest, reps, trials)
+  out["copy_gb_s"] = common.copy_bandwidth(largest, trials=trials)
   for fmt_name in formats:
     fmt = pg.CodebookFormat.parse(fmt_name)
     for name, k, n in shapes:
@@ -124,7 +68,7 @@ def run(shapes, formats, batches, *, reps: int, trials: int, interpret: bool) ->
         for method, fn in methods.items():
           got = jax.jit(fn)(x)
           err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-          sec = _loop_time(fn, x, reps, trials)
+          sec = common.time_per_call(fn, (x,), reps=reps, trials=trials)
           moved = nbytes["bf16" if method == "xla_bf16" else "quantized"]
           case["methods"][method] = {
               "us": sec * 1e6, "bytes": moved, "gb_s": moved / sec / 1e9,
@@ -168,14 +112,6 @@ def markdown(result: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--tiny", action="store_true", help="small shapes in interpret mode (CPU)")
@@ -183,7 +119,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--batches", default="1,4,16")
   ap.add_argument("--reps", type=int, default=None, help="calls per timed loop")
   ap.add_argument("--trials", type=int, default=5)
-  ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON and markdown")
+  ap.add_argument("--out", default=str(common.RESULTS),
+                  help="folder for the JSON and markdown")
   args = ap.parse_args(argv)
   on_gpu = jax.default_backend() == "gpu"
   tiny = args.tiny or not on_gpu
@@ -193,12 +130,7 @@ def main(argv=None) -> dict:
   result = run(TINY_SHAPES if tiny else GPU_SHAPES, args.formats.split(","),
                [int(b) for b in args.batches.split(",")], reps=reps,
                trials=2 if tiny else args.trials, interpret=not on_gpu)
-  kind = result["machine"]["device_kind"].replace(" ", "_").lower()
-  stem = f"psumbook_{'tiny_' if tiny else ''}{kind}"
-  out = pathlib.Path(args.out)
-  _write_atomic(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
-  _write_atomic(out / f"{stem}.md", markdown(result))
-  print(f"wrote {out / (stem + '.json')} and .md")
+  common.write_results(result, markdown(result), name="psumbook", tiny=tiny, out=args.out)
   return result
 
 

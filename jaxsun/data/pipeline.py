@@ -42,6 +42,7 @@ error.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -53,6 +54,7 @@ import grain
 import numpy as np
 
 from jaxsun.data import corpora
+from jaxsun.data import paths as data_paths
 from jaxsun.data import tasks as tasks_lib
 from jaxsun.data.tokenizers import Tokenizer, get_tokenizer
 
@@ -466,10 +468,21 @@ def _task_examples(task: str, split: str, data_dir) -> tuple[str, list[tasks_lib
   """(split name, examples) of a task, read through its TFDS builder (array_record)."""
   tasks_lib.check_task(task)
   task_split = _resolve_split(tasks_lib.SPLITS, split, task)
-  records = data_source(task, task_split, data_dir)
-  return task_split, [tasks_lib.Example(_text(records[i]["prompt"]),
-                                        _text(records[i]["answer"]))
-                      for i in range(len(records))]
+  source = data_paths.data_root() / tasks_lib.task_path(task)
+  stat = source.stat() if source.exists() else None
+  stamp = (str(source), stat and stat.st_mtime_ns, stat and stat.st_size)
+  return task_split, list(_read_task_split(task, task_split, tfds_data_dir(data_dir), stamp))
+
+
+@functools.lru_cache(maxsize=32)
+def _read_task_split(task: str, split: str, data_dir: str,
+                     stamp: tuple) -> tuple[tasks_lib.Example, ...]:
+  # Cached (a job reads the same split for every regime; Examples are frozen), keyed by
+  # the committed file's path, mtime and size so that a rebuilt file is read again.
+  del stamp
+  records = data_source(task, split, data_dir)
+  return tuple(tasks_lib.Example(_text(records[i]["prompt"]), _text(records[i]["answer"]))
+               for i in range(len(records)))
 
 
 def task_batches(task: str, tokenizer, *, seq_len: int, batch_size: int, seed: int = 0,

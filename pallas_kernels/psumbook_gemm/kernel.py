@@ -196,13 +196,18 @@ def _onehot_kernel(p_ref, codes_ref, s_ref, o_ref, *, fmt: CodebookFormat, bk: i
 _call = _util.pallas_call
 
 
+def _flat_psumbook(x, w: QuantizedWeight, fmt: CodebookFormat, t: Tiles):
+  """(f32[B, (K/v) * m * C] Psumbook rows, splits, per-split width) for the lookups."""
+  splits = x.shape[1] // t.block_k
+  tile_p = (t.block_k // fmt.v) * fmt.m * fmt.num_centroids
+  return psumbook(x, w.codebooks).reshape(x.shape[0], splits * tile_p), splits, tile_p
+
+
 def _gather_call(x, w: QuantizedWeight, fmt: CodebookFormat, t: Tiles, poison, interpret):
-  cb, codes, scales = w
-  b, k = x.shape
-  n = codes.shape[2]
-  bn, bk = t.block_n, t.block_k
-  splits, tile_p = k // bk, (t.block_k // fmt.v) * fmt.m * fmt.num_centroids
-  p = psumbook(x, cb).reshape(b, splits * tile_p).T  # f32[(K/v) * m * C, B]
+  _, codes, scales = w
+  b, n, bn, bk = x.shape[0], codes.shape[2], t.block_n, t.block_k
+  p, splits, tile_p = _flat_psumbook(x, w, fmt, t)
+  p = p.T  # f32[(K/v) * m * C, B]: one row per (chunk, codebook, centroid)
   partial = _call(
       functools.partial(_gather_kernel, fmt=fmt, bk=bk), (p, codes, scales),
       [pl.BlockSpec((tile_p, b), lambda i, s: (s, 0)),
@@ -214,12 +219,9 @@ def _gather_call(x, w: QuantizedWeight, fmt: CodebookFormat, t: Tiles, poison, i
 
 
 def _onehot_call(x, w: QuantizedWeight, fmt: CodebookFormat, t: Tiles, poison, interpret):
-  cb, codes, scales = w
-  b, k = x.shape
-  n = codes.shape[2]
-  bn, bk = t.block_n, t.block_k
-  splits, tile_p = k // bk, (t.block_k // fmt.v) * fmt.m * fmt.num_centroids
-  p = psumbook(x, cb).reshape(b, splits * tile_p)  # f32[B, (K/v) * m * C]
+  _, codes, scales = w
+  b, n, bn, bk = x.shape[0], codes.shape[2], t.block_n, t.block_k
+  p, splits, tile_p = _flat_psumbook(x, w, fmt, t)  # f32[B, (K/v) * m * C]
   # TPU blocks need their last two dims full or (8, 128)-aligned: give scales a split axis.
   scales3 = scales.reshape(splits, bk // fmt.g, n)
   partial = _call(
