@@ -23,7 +23,7 @@ from jaxsun import kv_cache
 from jaxsun import parallel
 from jaxsun import validation
 from jaxsun.nn.decoder import Mode
-from jaxsun.split import SplitModel, prefill_lengths
+from jaxsun.split import SplitModel, check_split, prefill_lengths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +139,7 @@ def generate(split: SplitModel, prompts, prompt_lengths=None, *, max_new_tokens:
   Returns:
     GenerateOutput(tokens i32[B, max_new_tokens], lengths i32[B]).
   """
+  split = check_split(split)
   prefill_module = split.prefill_module()  # merged once: for its config and its cache
   cfg = prefill_module.cfg
   if isinstance(prompts, (list, tuple)):

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from flax import struct
@@ -49,16 +50,22 @@ class SplitModel:
   """A decoder as (graphdef, prefill tree, decode tree). A pytree of the two trees.
 
   Attributes:
-    graphdef: the static NNX graph definition shared by both trees.
+    graphdef: the static NNX graph definition of the prefill tree (and of the decode
+      tree unless `decode_graphdef` is set).
     prefill: `nnx.State` of the module that processes prompts.
     decode: `nnx.State` of the module that generates, or None when tied to `prefill`.
     last_prompt_token: "prefill" or "decode", the tree that runs the last prompt token.
+    decode_graphdef: the decode tree's graph definition if it differs from `graphdef`
+      (one tree carries LoRA adapters, `jaxsun.lora`); None otherwise.
   """
 
   graphdef: Any = struct.field(pytree_node=False)
   prefill: nnx.State
   decode: nnx.State | None = None
   last_prompt_token: str = struct.field(pytree_node=False, default="prefill")
+  # The decode tree's graph when it differs from the prefill tree's (e.g. LoRA adapters
+  # on one tree only, `jaxsun.lora`); None: the same graph.
+  decode_graphdef: Any = struct.field(pytree_node=False, default=None)
 
   def __post_init__(self):
     if self.last_prompt_token not in LAST_PROMPT_TOKEN:
@@ -90,6 +97,13 @@ class SplitModel:
     return self.decode is None
 
   @property
+  def decode_gd(self):
+    """The decode tree's graph definition."""
+    if self.decode is None or self.decode_graphdef is None:
+      return self.graphdef
+    return self.decode_graphdef
+
+  @property
   def decode_state(self) -> nnx.State:
     """The decode tree (the prefill tree itself when tied)."""
     return self.prefill if self.decode is None else self.decode
@@ -106,7 +120,17 @@ class SplitModel:
     return nnx.merge(self.graphdef, self.prefill)
 
   def decode_module(self) -> Decoder:
-    return nnx.merge(self.graphdef, self.decode_state)
+    return nnx.merge(self.decode_gd, self.decode_state)
+
+
+def check_split(split, arg: str = "split") -> SplitModel:
+  """`split` if it is a SplitModel; a clear TypeError otherwise (e.g. a bare Decoder)."""
+  if isinstance(split, SplitModel):
+    return split
+  if isinstance(split, Decoder):
+    raise TypeError(f"{arg} must be a jaxsun.SplitModel, got a Decoder; wrap it with "
+                    f"jaxsun.SplitModel.from_model(decoder)")
+  raise TypeError(f"{arg} must be a jaxsun.SplitModel, got {type(split).__name__}")
 
 
 def prefill_lengths(split: SplitModel, prompt_lengths: jax.Array) -> jax.Array:
@@ -115,7 +139,8 @@ def prefill_lengths(split: SplitModel, prompt_lengths: jax.Array) -> jax.Array:
 
 
 def split_forward(split: SplitModel, tokens: jax.Array, boundary: jax.Array, *,
-                  return_cache: bool = False):
+                  return_cache: bool = False, window: tuple[int, int] | None = None,
+                  dropout_key: jax.Array | None = None):
   """Teacher-forced forward of (prompt, continuation) sequences through the split.
 
   Row b is `tokens[b, :boundary[b]]` (prompt) followed by the continuation. Positions
@@ -124,8 +149,12 @@ def split_forward(split: SplitModel, tokens: jax.Array, boundary: jax.Array, *,
   the remaining positions run through the decode tree and attend to that cache plus
   their own causal keys. Padding after a continuation is harmless (causal).
 
-  Cost: a tied model runs one plain pass; an untied one runs each tree over all S
-  positions (static shapes under `jit` with per-row boundaries) and selects per position.
+  Cost: a tied model runs one plain pass. An untied one runs the prefill tree over
+  positions `[0, hi)` and the decode tree over `[lo, S)`, where `window=(lo, hi)` is a
+  static promise that `lo <= prefill boundary <= hi` on every row (default `(0, S)`:
+  each tree over all S positions). For long prompts and short answers, a tight window
+  makes untied training cost about one pass instead of two. The result does not depend
+  on the window.
 
   Args:
     split: the model.
@@ -133,10 +162,14 @@ def split_forward(split: SplitModel, tokens: jax.Array, boundary: jax.Array, *,
     boundary: i32[B] prompt lengths, 1 <= boundary <= S.
     return_cache: also return the KV cache of all S positions (prefill-tree entries
       below the prefill boundary, decode-tree entries from it on).
+    window: static (lo, hi) bounds of the prefill boundary (`prefill_window` computes
+      one); ignored by a tied model.
+    dropout_key: PRNG key for training-time dropout (LoRA adapters); None: no dropout.
 
   Returns:
     f32[B, S, V] logits (position t predicts token t + 1), and the cache if asked.
   """
+  split = check_split(split)
   pre = split.prefill_module()
   cfg = pre.cfg
   validation.check_tokens("tokens", tokens, cfg.vocab_size)
@@ -144,26 +177,59 @@ def split_forward(split: SplitModel, tokens: jax.Array, boundary: jax.Array, *,
   if s > cfg.max_len:
     raise ValueError(f"tokens has length {s} > ModelConfig.max_len={cfg.max_len}")
   validation.check_lengths("boundary", boundary, b, 1, s)
+  keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
   if split.tied and not return_cache:  # same weights in both phases: one plain pass
-    return pre(tokens, mode=Mode.TRAIN)[0]
+    return pre(tokens, mode=Mode.TRAIN, dropout_key=keys[0])[0]
 
-  dec = split.decode_module()
   n_prefill = prefill_lengths(split, boundary.astype(jnp.int32))  # i32[B]
   positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
   full = jnp.full((b,), s, jnp.int32)
   if split.tied:
     logits, cache = pre(tokens, mode=Mode.PREFILL, positions=positions,
-                        cache=pre.init_cache(b, s), new_lengths=full)
+                        cache=pre.init_cache(b, s), new_lengths=full, dropout_key=keys[0])
     return logits, cache
-  # Prefill tree: every slot is written, but only slots < n_prefill stay valid.
-  h_pre, cache = pre.hidden(tokens, mode=Mode.PREFILL, positions=positions,
-                            cache=pre.init_cache(b, s), new_lengths=n_prefill)
-  # Decode tree: the write rule keeps slots < n_prefill (the prefill KV) and fills the rest.
-  h_dec, cache = dec.hidden(tokens, mode=Mode.PREFILL, positions=positions, cache=cache,
-                            new_lengths=full)
+  lo, hi = _check_window(window, s)
+  dec = split.decode_module()
+  # Prefill tree on [0, hi): every slot is written, only slots < n_prefill stay valid.
+  h_pre, cache = pre.hidden(tokens[:, :hi], mode=Mode.PREFILL, positions=positions[:, :hi],
+                            cache=pre.init_cache(b, s), new_lengths=n_prefill,
+                            dropout_key=keys[0])
+  # Decode tree on [lo, S): the write rule keeps slots < n_prefill (the prefill KV).
+  h_dec, cache = dec.hidden(tokens[:, lo:], mode=Mode.PREFILL, positions=positions[:, lo:],
+                            cache=cache, new_lengths=full, dropout_key=keys[1])
+  pre_logits = jnp.pad(pre.logits(h_pre), ((0, 0), (0, s - hi), (0, 0)))  # f32[B, S, V]
+  dec_logits = jnp.pad(dec.logits(h_dec), ((0, 0), (lo, 0), (0, 0)))  # f32[B, S, V]
   from_prefill = (positions < n_prefill[:, None])[..., None]  # bool[B, S, 1]
-  logits = jnp.where(from_prefill, pre.logits(h_pre), dec.logits(h_dec))
+  logits = jnp.where(from_prefill, pre_logits, dec_logits)
   return (logits, cache) if return_cache else logits
+
+
+WINDOW_BUCKET = 16  # window bounds are rounded to this, so few windows get compiled
+
+
+def _check_window(window, s: int) -> tuple[int, int]:
+  if window is None:
+    return 0, s
+  lo, hi = window
+  if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi <= s and hi >= 1):
+    raise ValueError(f"window={window!r} must be static ints with 0 <= lo <= hi <= {s} "
+                     "and hi >= 1")
+  return lo, hi
+
+
+def prefill_window(split: SplitModel, boundary, seq_len: int,
+                   bucket: int = WINDOW_BUCKET) -> tuple[int, int] | None:
+  """A static `split_forward` window for host-side (numpy) `boundary`, or None if tied.
+
+  The bounds are rounded outwards to multiples of `bucket` (so batches of one dataset
+  share a few compiled windows).
+  """
+  if split.tied:
+    return None
+  n = np.asarray(prefill_lengths(split, np.asarray(boundary, np.int64)))
+  lo = int(n.min()) // bucket * bucket
+  hi = min(seq_len, max(1, -(-int(n.max()) // bucket) * bucket))
+  return lo, hi
 
 
 def continuation_mask(boundary: jax.Array, length: int) -> jax.Array:
@@ -172,7 +238,7 @@ def continuation_mask(boundary: jax.Array, length: int) -> jax.Array:
 
 
 def next_token_loss(split: SplitModel, tokens: jax.Array, boundary: jax.Array,
-                    loss_mask: jax.Array | None = None) -> jax.Array:
+                    loss_mask: jax.Array | None = None, **forward_kw) -> jax.Array:
   """Mean next-token cross-entropy over target tokens, through `split_forward`.
 
   Args:
@@ -181,22 +247,26 @@ def next_token_loss(split: SplitModel, tokens: jax.Array, boundary: jax.Array,
     boundary: i32[B] prompt lengths.
     loss_mask: f32[B, S] weight of each token *as a target*; default: the continuation
       tokens (`t >= boundary`). Position 0 is never a target.
+    **forward_kw: `window`, `dropout_key` for `split_forward`.
 
   Returns:
     Scalar float32 loss.
   """
-  total, count = next_token_loss_sums(split, tokens, boundary, loss_mask)
+  total, count = next_token_loss_sums(split, tokens, boundary, loss_mask, **forward_kw)
   return total / jnp.maximum(count, 1.0)
 
 
 def next_token_loss_sums(split: SplitModel, tokens: jax.Array, boundary: jax.Array,
-                         loss_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                         loss_mask: jax.Array | None = None, *,
+                         window: tuple[int, int] | None = None,
+                         dropout_key: jax.Array | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
   """(sum of masked next-token cross-entropies, sum of mask weights): f32 scalars.
 
   The unnormalised form of `next_token_loss`, so that gradient accumulation over
   micro-batches can divide by the token count of the whole batch.
   """
-  logits = split_forward(split, tokens, boundary)
+  logits = split_forward(split, tokens, boundary, window=window, dropout_key=dropout_key)
   if loss_mask is None:
     loss_mask = continuation_mask(boundary, tokens.shape[1])
   if loss_mask.shape != tokens.shape:
@@ -217,16 +287,42 @@ def _check_trainability(split: SplitModel, trainability: str) -> None:
         "SplitModel is tied (one tree serves both phases). Call split.untie() first.")
 
 
-def param_labels(split: SplitModel, trainability: str) -> SplitModel:
-  """The optimizer partition: a SplitModel-shaped tree of "trainable"/"frozen" labels."""
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def has_adapters(tree) -> bool:
+  """Whether a parameter tree holds LoRA adapter parameters (`nnx.LoRAParam`)."""
+  return tree is not None and any(
+      isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(tree, is_leaf=_is_variable))
+
+
+def _trains(split: SplitModel, trainability: str) -> dict[str, bool]:
   _check_trainability(split, trainability)
-  trains = {"prefill": trainability in ("prefill", "both"),
-            "decode": trainability in ("decode", "both")}
   if split.tied:  # one tree, trained by "both", frozen by "none"
-    trains["prefill"] = trainability == "both"
+    return {"prefill": trainability == "both", "decode": False}
+  return {"prefill": trainability in ("prefill", "both"),
+          "decode": trainability in ("decode", "both")}
+
+
+def param_labels(split: SplitModel, trainability: str) -> SplitModel:
+  """The optimizer partition: a SplitModel-shaped tree of "trainable"/"frozen" labels.
+
+  In a trained tree that carries LoRA adapters only the adapters are trainable; its
+  base arrays stay frozen (`jaxsun.lora`).
+  """
+  trains = _trains(split, trainability)
 
   def label(tree, on):
-    return None if tree is None else jax.tree.map(lambda _: TRAINABLE if on else FROZEN, tree)
+    if tree is None:
+      return None
+    adapters = on and has_adapters(tree)
+
+    def lab(v):
+      trainable = on and (not adapters or isinstance(v, nnx.LoRAParam))
+      return jax.tree.map(lambda _: TRAINABLE if trainable else FROZEN, v)
+
+    return jax.tree.map(lab, tree, is_leaf=_is_variable)
 
   return split.replace(prefill=label(split.prefill, trains["prefill"]),
                        decode=label(split.decode, trains["decode"]))
@@ -234,10 +330,7 @@ def param_labels(split: SplitModel, trainability: str) -> SplitModel:
 
 def trained_trees(split: SplitModel, trainability: str) -> tuple[str, ...]:
   """Names of the tree slots ("prefill", "decode") that `trainability` trains."""
-  _check_trainability(split, trainability)
-  if split.tied:
-    return ("prefill",) if trainability == "both" else ()
-  return tuple(n for n in ("prefill", "decode") if trainability in (n, "both"))
+  return tuple(n for n, on in _trains(split, trainability).items() if on)
 
 
 def partition(split: SplitModel, trainability: str) -> tuple[dict, dict]:
@@ -245,18 +338,31 @@ def partition(split: SplitModel, trainability: str) -> tuple[dict, dict]:
 
   The tree-level form of `param_labels`: a trainer keeps optimizer state for (and may
   donate) the trainable dict only, while the frozen dict (possibly shared with other
-  task models) is never modified. `combine` inverts it.
+  task models) is never modified. A trained slot with LoRA adapters appears in both:
+  its adapters are trainable, its base arrays frozen. `combine` inverts it.
   """
   names = trained_trees(split, trainability)
   slots = {"prefill": split.prefill} if split.tied else {
       "prefill": split.prefill, "decode": split.decode}
-  return ({n: t for n, t in slots.items() if n in names},
-          {n: t for n, t in slots.items() if n not in names})
+  trainable, frozen = {}, {}
+  for n, tree in slots.items():
+    if n in names and has_adapters(tree):
+      trainable[n], frozen[n] = nnx.split_state(tree, nnx.LoRAParam, ...)
+    elif n in names:
+      trainable[n] = tree
+    else:
+      frozen[n] = tree
+  return trainable, frozen
 
 
 def combine(split: SplitModel, trainable: dict, frozen: dict) -> SplitModel:
   """The SplitModel with the trees of `partition(split, ...)` (possibly updated) put back."""
-  trees = {**frozen, **trainable}
+  trees = {}
+  for n in ("prefill", "decode"):
+    if n in trainable and n in frozen:
+      trees[n] = nnx.merge_state(frozen[n], trainable[n])
+    elif n in trainable or n in frozen:
+      trees[n] = trainable[n] if n in trainable else frozen[n]
   return split.replace(prefill=trees["prefill"], decode=trees.get("decode"))
 
 

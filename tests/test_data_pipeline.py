@@ -247,8 +247,10 @@ def test_task_rows_mask_exactly_the_answer_and_eos(bpe):
     assert tasks.exact_match(bpe.decode(answer), ex.answer)
     end = boundary + len(answer)
     assert (mask[boundary:end] == 1).all() and (tokens[end:] == bpe.pad_id).all()
-  for tokens, boundary, mask in rows[len(kept):]:  # batch padding
-    assert (tokens == bpe.pad_id).all() and (mask == 0).all() and boundary == 1
+  last_boundary = rows[len(kept) - 1][1]
+  for tokens, boundary, mask in rows[len(kept):]:  # batch padding: empty, no loss
+    # The boundary repeats the last real one, which keeps the prefill window tight.
+    assert (tokens == bpe.pad_id).all() and (mask == 0).all() and boundary == last_boundary
 
 
 def test_task_batches_deterministic_resumable_and_epoch_shuffled():

@@ -245,13 +245,17 @@ class Batches:
     spec: the arguments that define the stream (JSON types).
     num_examples: task pipelines: examples kept; LM pipelines: records per source.
     num_dropped: task pipelines: examples dropped for exceeding seq_len.
+    boundary_range: task pipelines: (shortest, longest) prompt of the kept examples,
+      so a trainer can compile one `split_forward` window for the whole stream.
   """
 
   def __init__(self, dataset: grain.IterDataset, spec: dict[str, Any], *,
-               num_examples, num_dropped: int = 0):
+               num_examples, num_dropped: int = 0,
+               boundary_range: tuple[int, int] | None = None):
     self.spec = json.loads(json.dumps(spec))  # the form a JSON round trip gives back
     self.num_examples = num_examples
     self.num_dropped = num_dropped
+    self.boundary_range = boundary_range
     self._it = iter(dataset)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -361,7 +365,9 @@ def _finish_batches(ds: grain.IterDataset, batch_size: int, pad_id: int,
       batch = {
           "tokens": np.concatenate([batch["tokens"],
                                     np.full((extra, seq_len), pad_id, np.int32)]),
-          "boundary": np.concatenate([batch["boundary"], np.ones((extra,), np.int32)]),
+          # Empty rows repeat the last boundary: it keeps the prefill window tight.
+          "boundary": np.concatenate([batch["boundary"],
+                                      np.full((extra,), batch["boundary"][-1], np.int32)]),
           "loss_mask": np.concatenate([batch["loss_mask"],
                                        np.zeros((extra, seq_len), np.float32)]),
       }
@@ -530,8 +536,10 @@ def task_batches(task: str, tokenizer, *, seq_len: int, batch_size: int, seed: i
   spec = {"kind": "task", "task": task, "split": task_split,
           "tokenizer": _tokenizer_spec(tok), "seq_len": int(seq_len),
           "batch_size": int(batch_size), "seed": int(seed), "repeat": repeat}
+  lengths = [len(p) for p, _ in kept]
   return Batches(_finish_batches(rows, batch_size, tok.pad_id, seq_len), spec,
-                 num_examples=len(kept), num_dropped=dropped)
+                 num_examples=len(kept), num_dropped=dropped,
+                 boundary_range=(min(lengths), max(lengths)))
 
 
 def task_eval_items(task: str, tokenizer, split: str = "test", limit: int | None = None,

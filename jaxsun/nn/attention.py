@@ -113,7 +113,8 @@ class Attention(nnx.Module):
                cache: kv_cache.LayerCache | None = None,
                lengths: jax.Array | None = None,
                new_lengths: jax.Array | None = None,
-               segment_ids: jax.Array | None = None):
+               segment_ids: jax.Array | None = None,
+               key: jax.Array | None = None):
     """Attention over fresh tokens, optionally through a KV cache.
 
     Args:
@@ -124,14 +125,15 @@ class Attention(nnx.Module):
       lengths: i32[B] valid slots of the cache before this call (never overwritten).
       new_lengths: i32[B] valid slots after this call.
       segment_ids: i32[B, T] optional, train mode only: tokens attend within a segment.
+      key: optional dropout key for adapter layers (training only).
 
     Returns:
       (out [B, T, D], updated LayerCache or None).
     """
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.n_kv_heads, self.head_dim)
+    q = layers.dense_call(self.q_proj, x, key, 0).reshape(b, t, self.n_heads, self.head_dim)
+    k = layers.dense_call(self.k_proj, x, key, 1).reshape(b, t, self.n_kv_heads, self.head_dim)
+    v = layers.dense_call(self.v_proj, x, key, 2).reshape(b, t, self.n_kv_heads, self.head_dim)
     q = layers.apply_rope(q, positions, self.rope_theta)
     k = layers.apply_rope(k, positions, self.rope_theta)
     q = q.reshape(b, t, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
@@ -155,7 +157,8 @@ class Attention(nnx.Module):
                                           is_new=is_new, state=state))
     if cache is not None:
       new_cache = kv_cache.LayerCache(k=keys, v=values, state=state)
-    return self.o_proj(out.reshape(b, t, self.n_heads * self.head_dim)), new_cache
+    out = out.reshape(b, t, self.n_heads * self.head_dim)
+    return layers.dense_call(self.o_proj, out, key, 3), new_cache
 
   def attend(self, a: AttendInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The scoring rule. Returns (out [B, T, Hkv, G, hd] in compute dtype, new state)."""

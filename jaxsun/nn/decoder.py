@@ -51,11 +51,14 @@ class Block(nnx.Module):
                              fp8=cfg.fp8)
 
   def __call__(self, x, positions, *, cache=None, lengths=None, new_lengths=None,
-               segment_ids=None):
+               segment_ids=None, key=None):
+    k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
+    kw = {} if key is None else {"key": k_attn}  # variants that predate `key` still work
     h, cache = self.attn(self.attn_norm(x), positions, cache=cache, lengths=lengths,
-                         new_lengths=new_lengths, segment_ids=segment_ids)
+                         new_lengths=new_lengths, segment_ids=segment_ids, **kw)
     x = x + h
-    return x + self.mlp(self.mlp_norm(x)), cache
+    mlp_kw = {} if key is None else {"key": k_mlp}
+    return x + self.mlp(self.mlp_norm(x), **mlp_kw), cache
 
 
 class Decoder(nnx.Module):
@@ -93,7 +96,8 @@ class Decoder(nnx.Module):
 
   def hidden(self, tokens: jax.Array, *, mode: Mode | str = Mode.TRAIN,
              positions: jax.Array | None = None, cache: kv_cache.KVCache | None = None,
-             new_lengths: jax.Array | None = None, segment_ids: jax.Array | None = None):
+             new_lengths: jax.Array | None = None, segment_ids: jax.Array | None = None,
+             dropout_key: jax.Array | None = None):
     """Runs the blocks; returns (hidden [B, T, D] before the final norm, cache).
 
     Args:
@@ -105,6 +109,8 @@ class Decoder(nnx.Module):
       new_lengths: i32[B] valid slots after the call (e.g. prompt lengths of a padded
         batch). Default: `max(cache.lengths, positions[:, -1] + 1)`.
       segment_ids: i32[B, T] train mode only; attention stays within a segment.
+      dropout_key: PRNG key for training-time dropout in adapter layers (`jaxsun.lora`);
+        None (inference): no dropout.
     """
     mode = Mode.parse(mode)
     cfg = self.cfg
@@ -144,7 +150,9 @@ class Decoder(nnx.Module):
       layer_cache = None if cache is None else cache.layers[i]
       x, layer_cache = blk(x, positions, cache=layer_cache,
                            lengths=None if cache is None else cache.lengths,
-                           new_lengths=new_lengths, segment_ids=segment_ids)
+                           new_lengths=new_lengths, segment_ids=segment_ids,
+                           key=None if dropout_key is None else
+                           jax.random.fold_in(dropout_key, i))
       new_layers.append(layer_cache)
     if cache is None:
       return x, None

@@ -29,6 +29,18 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
   return nnx.Param(init, out_sharding=axes, eager_sharding=False)
 
 
+def dense_call(module, x: jax.Array, key: jax.Array | None, index: int, out_dtype=None):
+  """Calls a dense layer, passing a per-layer dropout key to those that take one.
+
+  Only adapter layers (`jaxsun.lora.LoRALinear`, `takes_dropout_key = True`) use the
+  key; plain, FP8 and codebook layers are called as before.
+  """
+  kw = {} if out_dtype is None else {"out_dtype": out_dtype}
+  if key is not None and getattr(module, "takes_dropout_key", False):
+    kw["key"] = jax.random.fold_in(key, index)
+  return module(x, **kw)
+
+
 class Linear(nnx.Module):
   """y = x @ W without bias; W is f[in, out]. The unit that quantized layers replace."""
 
@@ -86,8 +98,9 @@ class SwiGLU(nnx.Module):
     self.up_proj = dense(d_model, d_ff, ("embed", "mlp"), **kw)
     self.down_proj = dense(d_ff, d_model, ("mlp", "embed"), **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+  def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    h = jax.nn.silu(dense_call(self.gate_proj, x, key, 0)) * dense_call(self.up_proj, x, key, 1)
+    return dense_call(self.down_proj, h, key, 2)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:

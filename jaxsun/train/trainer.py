@@ -19,6 +19,7 @@ alongside, never donated and never modified.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -32,7 +33,7 @@ from flax import struct
 
 from jaxsun.nn.fp8_linear import Fp8Meta
 from jaxsun.split import (TRAINABILITY, SplitModel, combine, next_token_loss_sums,
-                          partition)
+                          partition, prefill_window)
 from jaxsun.train.optim import OptimizerConfig, make_optimizer
 
 BATCH_KEYS = ("tokens", "boundary", "loss_mask")
@@ -113,9 +114,23 @@ def _to_device_batch(batch: Mapping[str, Any]) -> dict:
           "loss_mask": jnp.asarray(batch["loss_mask"], jnp.float32)}
 
 
-@jax.jit
-def _loss_sums_jit(split: SplitModel, batch: dict):
-  return next_token_loss_sums(split, batch["tokens"], batch["boundary"], batch["loss_mask"])
+@functools.partial(jax.jit, static_argnames="window")
+def _loss_sums_jit(split: SplitModel, batch: dict, window=None):
+  return next_token_loss_sums(split, batch["tokens"], batch["boundary"], batch["loss_mask"],
+                              window=window)
+
+
+def batch_window(split: SplitModel, boundary, seq_len: int, fixed=None):
+  """The static `split_forward` window for a batch's host-side `boundary`: `fixed` (a
+  dataset-wide window) when every row's prefill boundary lies inside it, else one for
+  this batch (None for a tied model)."""
+  boundary = np.asarray(boundary)
+  if split.tied:
+    return None
+  own = prefill_window(split, boundary, seq_len)
+  if fixed is not None and fixed[0] <= own[0] and own[1] <= fixed[1] <= seq_len:
+    return tuple(fixed)
+  return own
 
 
 def evaluate_loss(split: SplitModel, batches: Iterable[Mapping[str, Any]],
@@ -129,7 +144,8 @@ def evaluate_loss(split: SplitModel, batches: Iterable[Mapping[str, Any]],
   for batch in batches:
     if max_batches is not None and n >= max_batches:
       break
-    s, c = jax.device_get(_loss_sums_jit(split, _to_device_batch(batch)))
+    window = batch_window(split, batch["boundary"], np.shape(batch["tokens"])[1])
+    s, c = jax.device_get(_loss_sums_jit(split, _to_device_batch(batch), window))
     total, count, n = total + float(s), count + float(c), n + 1
   if n == 0:
     raise ValueError("evaluate_loss got no batches")
@@ -163,7 +179,9 @@ class Trainer:
     self.state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
                             opt_state=self.tx.init(trainable),
                             rng=jax.random.key_data(jax.random.key(config.seed)))
-    self._train_step = jax.jit(self._step_impl, donate_argnums=0)
+    self._train_step = jax.jit(self._step_impl, donate_argnums=0,
+                               static_argnames="window")
+    self._window = None  # a dataset-wide prefill window, set by `fit`
     self.model_cfg = split.cfg
 
   # -- the model ------------------------------------------------------------------------
@@ -182,22 +200,26 @@ class Trainer:
 
   # -- jitted steps -----------------------------------------------------------------------
 
-  def _loss_sums(self, params, frozen, batch):
+  def _loss_sums(self, params, frozen, batch, key, window):
     split = combine(self._template, params, frozen)
-    return next_token_loss_sums(split, batch["tokens"], batch["boundary"], batch["loss_mask"])
+    return next_token_loss_sums(split, batch["tokens"], batch["boundary"], batch["loss_mask"],
+                                window=window, dropout_key=key)
 
-  def _step_impl(self, state: TrainState, frozen: dict, batch: dict):
+  def _step_impl(self, state: TrainState, frozen: dict, batch: dict, window=None):
     accum = self.config.accum_steps
+    rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
     if accum == 1:
-      (loss_sum, count), grad_sum = grad_fn(state.params, frozen, batch)
+      (loss_sum, count), grad_sum = grad_fn(state.params, frozen, batch, dropout_key, window)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]),
                            batch)
+      micro["key"] = jax.random.split(dropout_key, accum)
 
       def body(carry, mb):
         g_acc, l_acc, c_acc = carry
-        (l, c), g = grad_fn(state.params, frozen, mb)
+        mb = dict(mb)
+        (l, c), g = grad_fn(state.params, frozen, mb, mb.pop("key"), window)
         # FP8 amax histories of micro-batches combine with max, gradients with sum.
         g_acc = jax.tree.map(lambda m, a, b: jnp.maximum(a, b) if m else a + b,
                              self._is_meta, g_acc, g)
@@ -212,7 +234,7 @@ class Trainer:
     params = jax.tree.map(lambda m, p, u, g: g.astype(p.dtype) if m else
                           (p + u).astype(p.dtype), self._is_meta, state.params, updates, grads)
     grads = jax.tree.map(lambda m, g: jnp.zeros_like(g) if m else g, self._is_meta, grads)
-    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    rng = jax.random.key_data(rng)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": self.schedule(state.step), "target_tokens": count}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
@@ -220,12 +242,14 @@ class Trainer:
 
   def train_step(self, batch: Mapping[str, Any]) -> dict:
     """One update on `batch`; returns the step's metrics as Python floats."""
-    batch = _to_device_batch(batch)
+    host_batch, batch = batch, _to_device_batch(batch)
+    window = batch_window(self._template, host_batch["boundary"],
+                          batch["tokens"].shape[1], self._window)
     b = batch["tokens"].shape[0]
     if b % self.config.accum_steps:
       raise ValueError(f"batch size {b} is not divisible by TrainConfig.accum_steps="
                        f"{self.config.accum_steps}")
-    self.state, metrics = self._train_step(self.state, self.frozen, batch)
+    self.state, metrics = self._train_step(self.state, self.frozen, batch, window=window)
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
   def evaluate(self, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None
@@ -283,6 +307,10 @@ class Trainer:
     """
     cfg = self.config
     until = cfg.steps if until is None else min(until, cfg.steps)
+    if getattr(batches, "boundary_range", None) is not None and not self._template.tied:
+      lo, hi = batches.boundary_range  # one compiled window for the whole dataset
+      self._window = prefill_window(self._template, np.array([lo, hi]),
+                                    int(batches.spec["seq_len"]))
     if checkpointer is not None:
       meta = self.restore(checkpointer, batches)
       if meta is not None:
