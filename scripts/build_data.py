@@ -269,13 +269,23 @@ def step_tokenizers(ctx: BuildContext) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-  """How one task file is generated: a reasoning-gym dataset and its config."""
+  """How one task file is generated: a reasoning-gym dataset and its config.
+
+  Items are generated in order with duplicate prompts dropped; the first `n_train` are
+  `train`, the next `n_test` `test`, the next `n_validation` `validation` (appended
+  later, so train and test did not change when the validation split was added).
+  `question` names how the prompt is taken from reasoning-gym's question: "all" (as
+  is) or "last_line" (the question line only, without the answer-format instructions
+  above it, which a tiny model learns from the examples anyway).
+  """
 
   dataset: str
   config: dict[str, Any]
   n_train: int = 4000
   n_test: int = 500
+  n_validation: int = 500
   seed: int = 2026
+  question: str = "all"
 
 
 TASK_SPECS = {
@@ -287,7 +297,16 @@ TASK_SPECS = {
     "word_sorting": TaskSpec("word_sorting", {
         "min_words": 3, "max_words": 4, "min_word_length": 3, "max_word_length": 6}),
     "gsm_symbolic": TaskSpec("gsm_symbolic", {}),
+    "word_sequence_reversal": TaskSpec("word_sequence_reversal",
+                                       {"min_words": 2, "max_words": 2},
+                                       question="last_line"),
 }
+
+
+def _question(spec: TaskSpec, question: str) -> str:
+  if spec.question == "last_line":
+    return question.strip().split("\n")[-1].strip()
+  return question
 
 
 def generate_task_items(name: str, n: int, seed: int | None = None) -> list[dict[str, str]]:
@@ -310,7 +329,7 @@ def generate_task_items(name: str, n: int, seed: int | None = None) -> list[dict
   items, seen = [], set()
   for i in range(cap):
     entry = ds[i]
-    prompt, answer = str(entry["question"]), str(entry["answer"])
+    prompt, answer = _question(spec, str(entry["question"])), str(entry["answer"])
     if prompt not in seen:
       seen.add(prompt)
       items.append({"prompt": prompt, "answer": answer})
@@ -323,14 +342,17 @@ def step_tasks(ctx: BuildContext, names: list[str]) -> None:
   from jaxsun.data import tasks  # pylint: disable=import-outside-toplevel
   for name in names:
     spec = TASK_SPECS[name]
-    items = generate_task_items(name, spec.n_train + spec.n_test)
+    n_eval = spec.n_train + spec.n_test
+    items = generate_task_items(name, n_eval + spec.n_validation)
     records = ([{"split": "train", **it} for it in items[:spec.n_train]] +
-               [{"split": "test", **it} for it in items[spec.n_train:]])
+               [{"split": "test", **it} for it in items[spec.n_train:n_eval]] +
+               [{"split": "validation", **it} for it in items[n_eval:]])
     ctx.write(tasks.task_path(name), gzip_bytes(jsonl_bytes(records)),
               source=f"reasoning-gym=={REASONING_GYM_VERSION}", license="Apache-2.0",
               dataset=spec.dataset, config={k: list(v) if isinstance(v, tuple) else v
                                             for k, v in spec.config.items()},
-              seed=spec.seed, train=spec.n_train, test=spec.n_test)
+              seed=spec.seed, question=spec.question, train=spec.n_train,
+              test=spec.n_test, validation=spec.n_validation)
   ctx.manifest["sources"][f"reasoning-gym=={REASONING_GYM_VERSION}"] = {
       "kind": "pypi package, installed (generator run at build time)",
       "license": "Apache-2.0"}

@@ -502,7 +502,7 @@ def task_batches(task: str, tokenizer, *, seq_len: int, batch_size: int, seed: i
     seq_len: tokens per row; longer examples are dropped (`Batches.num_dropped`).
     batch_size: rows per batch.
     seed: shuffling seed (training only).
-    split: "train" or "test" ("validation" means "test").
+    split: "train", "validation" or "test".
     repeat: shuffle and repeat forever; default: `split == "train"`.
     data_dir: the TFDS data directory (see `tfds_data_dir`).
 

@@ -12,6 +12,10 @@ The items come from reasoning-gym 0.1.25 generators, run once (seeded) by
 | letter_counting | count one letter in a span of 1-3 words |
 | word_sorting | sort 3-4 words of 3-6 letters (ascending or descending, by code point) |
 | gsm_symbolic | GSM8K-style word problems; the answer is the final integer only |
+| word_sequence_reversal | reverse a list of 2 words ("Reverse this list of words: the, aged" -> "aged, the"); the prompt is reasoning-gym's question line, without the answer-format lines above it |
+
+Splits: `train` (4000), `test` (500) and `validation` (500, for choosing learning rates
+and other settings: never choose on `test`), disjoint by prompt.
 
 Text template, fixed (tokenizers see the prompt and answer as two strings):
 
@@ -35,8 +39,8 @@ import functools
 from jaxsun.data import paths
 
 TASKS = ("spell_backward", "basic_arithmetic", "letter_counting", "word_sorting",
-         "gsm_symbolic")
-SPLITS = ("train", "test")
+         "gsm_symbolic", "word_sequence_reversal")
+SPLITS = ("train", "validation", "test")
 PROMPT_PREFIX, PROMPT_SUFFIX, ANSWER_PREFIX = "Q: ", "\nA:", " "
 
 
@@ -91,7 +95,7 @@ def load_task(name: str, split: str) -> list[Example]:
 
   Args:
     name: one of `TASKS`.
-    split: "train" or "test".
+    split: "train", "validation" or "test".
 
   Raises:
     ValueError: unknown task or split, or an empty/corrupt file.

@@ -2,14 +2,18 @@
 
 A **regime** names how a task model is made from the base model:
 
-    regime    trees                       trainability   last prompt token by
-    full      tied (one tree)             both           (one tree)
-    prefill   untied, decode tree shared  prefill (SUN)  prefill tree
-    decode    untied, prefill tree shared decode (PrefillShare)  decode tree
-    none      the base model              -              (one tree)
+    regime        trees                        trainability          last prompt token by
+    full          tied (one tree)              both                  (one tree)
+    prefill       untied, decode tree shared   prefill (SUN)         prefill tree
+    decode        untied, prefill tree shared  decode (PrefillShare) decode tree
+    none          the base model               -                     (one tree)
+    full_lora     as full, LoRA adapters on the tree; only the adapters train
+    prefill_lora  as prefill, adapters on the prefill tree (SUN with LoRA)
+    decode_lora   as decode, adapters on the decode tree (PrefillShare with LoRA)
 
-In the decode regime the decode tree runs the last prompt token, so the task model (not
-the shared base) picks the first answer token.
+In the decode regimes the decode tree runs the last prompt token, so the task model (not
+the shared base) picks the first answer token. LoRA regimes share the base arrays of
+their adapted tree with the base model (`jaxsun.lora`): a task model costs its adapters.
 """
 
 from __future__ import annotations
@@ -22,27 +26,48 @@ from typing import Callable, Iterator
 import jax
 
 import jaxsun
+from jaxsun import lora
 from jaxsun.jobs import common
 from jaxsun.train.checkpoints import Checkpointer
 from jaxsun.train.metrics import create_default_writer
 from jaxsun.train.trainer import TrainConfig, Trainer
 
+# regime -> (trainability, tree that runs the last prompt token, tree with adapters)
 REGIMES = {
-    "full": ("both", "prefill"),
-    "prefill": ("prefill", "prefill"),
-    "decode": ("decode", "decode"),
-    "none": ("none", "prefill"),
+    "full": ("both", "prefill", None),
+    "prefill": ("prefill", "prefill", None),
+    "decode": ("decode", "decode", None),
+    "none": ("none", "prefill", None),
+    "full_lora": ("both", "prefill", "both"),
+    "prefill_lora": ("prefill", "prefill", "prefill"),
+    "decode_lora": ("decode", "decode", "decode"),
 }
 
 
-def regime_split(base: jaxsun.SplitModel, regime: str) -> tuple[jaxsun.SplitModel, str]:
-  """(the task model to train, its trainability) for `regime` (see the module docstring)."""
+def check_regime(regime: str, what: str = "regime") -> None:
   if regime not in REGIMES:
-    raise ValueError(f"unknown regime {regime!r}; available: {sorted(REGIMES)}")
-  trainability, last = REGIMES[regime]
+    raise ValueError(f"unknown {what} {regime!r}; available: {list(REGIMES)}")
+
+
+def regime_split(base: jaxsun.SplitModel, regime: str,
+                 lora_cfg: lora.LoRAConfig | None = None, key: jax.Array | None = None
+                 ) -> tuple[jaxsun.SplitModel, str]:
+  """(the task model to train, its trainability) for `regime` (see the module docstring).
+
+  Args:
+    base: the base model (tied).
+    regime: a name of `REGIMES`.
+    lora_cfg: the adapters of the `*_lora` regimes (default `LoRAConfig()`).
+    key: PRNG key of the adapters' initialisation (default `jax.random.key(0)`).
+  """
+  check_regime(regime)
+  trainability, last, adapted = REGIMES[regime]
   split = base.replace(last_prompt_token=last)
   if trainability in ("prefill", "decode"):
     split = split.untie()
+  if adapted is not None:
+    split = lora.add_adapters(split, adapted, lora_cfg or lora.LoRAConfig(),
+                              jax.random.key(0) if key is None else key)
   return split, trainability
 
 

@@ -1,8 +1,8 @@
 """`jaxsun_tasks`: a committed task as prompt/answer pairs, features `prompt`, `answer`.
 
 One BuilderConfig per task in `jaxsun.data.tasks.TASKS`; `TaskConfig(max_examples=...)`
-keeps only the first examples of each split (tests). Splits `train` and `test`, in file
-order, exactly `jaxsun.data.tasks.load_task(task, split)`.
+keeps only the first examples of each split (tests). Splits `train`, `validation`
+and `test`, in file order, exactly `jaxsun.data.tasks.load_task(task, split)`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ class TaskConfig(tfds.core.BuilderConfig):
 class JaxsunTasks(_common.LocalBuilder):
   """reasoning-gym tasks committed under data/tasks (see jaxsun.data.tasks)."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Prompt/answer pairs; train and test disjoint by prompt."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Prompt/answer pairs; train and test disjoint by prompt.",
+                   "1.1.0": "A validation split (500 items after the test items)."}
   BUILDER_CONFIGS = [TaskConfig(name=t, task=t, description=f"the {t} task")
                      for t in tasks.TASKS]
 
