@@ -33,41 +33,51 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.job = "quickstart"
   c.seed = 0
   c.tokenizer = "byte"  # "byte", "bpe4k" or "gpt2" (jaxsun.data.get_tokenizer)
-  c.tasks = ("spell_backward", "letter_counting")  # jaxsun.data.TASKS
+  # Answers of 4-7 tokens: the decode tree writes all but the first (SUN) or all (PS).
+  c.tasks = ("spell_backward", "rotate_matrix")  # jaxsun.data.TASKS
   c.regimes = ("full", "prefill", "decode", "none")  # jaxsun.jobs.finetune.REGIMES
   c.data_dir = ""  # TFDS data dir for the prepared datasets; "" = <workdir>/tfds
   c.compilation_cache_dir = ""  # "" = ~/.cache/jaxsun/jax_compilation_cache; "none" = off
 
   # The base model (jaxsun.ModelConfig fields; vocab_size comes from the tokenizer).
   c.model = ml_collections.ConfigDict(dict(
-      d_model=96, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=256, max_len=128))
+      d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=192, max_len=128))
 
   c.pretrain = ml_collections.ConfigDict()
   c.pretrain.corpus = "shakespeare"  # jaxsun.data.CORPORA
   c.pretrain.task_text_weight = 0.3  # fraction of rows drawn from task-formatted text
   c.pretrain.seq_len = 128
   c.pretrain.batch_size = 32
-  c.pretrain.steps = 300
+  c.pretrain.steps = 200
   c.pretrain.eval_every = 100  # validation loss every this many steps (and at the end)
   c.pretrain.eval_batches = 4  # validation batches for the validation loss
   c.pretrain.log_every = 25
   c.pretrain.checkpoint_every = 100
   c.pretrain.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, schedule="cosine", warmup_steps=30, weight_decay=0.1,
+      learning_rate=3e-3, schedule="cosine", warmup_steps=20, weight_decay=0.1,
       grad_clip_norm=1.0))
 
   c.finetune = ml_collections.ConfigDict()
-  c.finetune.seq_len = 96  # longest prompt + answer + EOS kept; longer ones are dropped
-  c.finetune.batch_size = 32
-  c.finetune.steps = 60
-  c.finetune.log_every = 5
+  c.finetune.seq_len = 0  # 0: the task's longest row (no example dropped)
+  # Small batches, many steps: at this size learning is step-bound, and a step of 8
+  # rows costs a fifth of one of 32 on 2 CPU cores.
+  c.finetune.batch_size = 8
+  c.finetune.steps = 600
+  c.finetune.log_every = 25
   c.finetune.checkpoint_every = 0  # 0: only the final step
+  # Per regime, chosen on the validation split by the fine-tuning study (see above).
+  c.finetune.learning_rates = ml_collections.ConfigDict(dict(
+      full=3e-3, prefill=3e-3, decode=3e-3, full_lora=3e-3, prefill_lora=3e-3,
+      decode_lora=3e-3))
   c.finetune.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=1e-3, schedule="wsd", warmup_steps=5, decay_fraction=0.3,
-      weight_decay=0.0, grad_clip_norm=1.0))
+      schedule="wsd", warmup_steps=20, decay_fraction=0.3, weight_decay=0.0,
+      grad_clip_norm=1.0))
+  c.finetune.lora = ml_collections.ConfigDict(dict(  # the *_lora regimes (jaxsun.lora)
+      rank=8, alpha=16.0, dropout=0.0, targets=r"layers/\d+/(attn|mlp)/\w+_proj"))
 
   c.eval = ml_collections.ConfigDict()
   c.eval.test_items = 200  # test items per task for exact match
+  c.eval.loss_items = 200  # test items per task for the answer-token loss
   c.eval.batch_size = 100
 
   if arg == "smoke":  # the same pipeline in well under a minute
@@ -76,7 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                       log_every=10, checkpoint_every=10)
     c.pretrain.optimizer.warmup_steps = 5
     c.finetune.update(steps=4, batch_size=8, log_every=2)
-    c.eval.update(test_items=16, batch_size=16)
+    c.finetune.optimizer.warmup_steps = 2
+    c.eval.update(test_items=16, loss_items=16, batch_size=16)
   elif arg not in (None, ""):
     raise ValueError(f"unknown variant {arg!r} of configs/quickstart.py (use :smoke)")
   c.lock()

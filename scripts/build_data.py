@@ -275,8 +275,8 @@ class TaskSpec:
   `train`, the next `n_test` `test`, the next `n_validation` `validation` (appended
   later, so train and test did not change when the validation split was added).
   `question` names how the prompt is taken from reasoning-gym's question: "all" (as
-  is) or "last_line" (the question line only, without the answer-format instructions
-  above it, which a tiny model learns from the examples anyway).
+  is) or "last_paragraph" (the question itself, after the last blank line, without the
+  answer-format instructions above it, which a tiny model learns from the examples).
   """
 
   dataset: str
@@ -299,13 +299,16 @@ TASK_SPECS = {
     "gsm_symbolic": TaskSpec("gsm_symbolic", {}),
     "word_sequence_reversal": TaskSpec("word_sequence_reversal",
                                        {"min_words": 2, "max_words": 2},
-                                       question="last_line"),
+                                       question="last_paragraph"),
+    "rotate_matrix": TaskSpec("rotate_matrix", {"min_n": 2, "max_n": 2, "min_rotations": 1,
+                                                "max_rotations": 1},
+                              question="last_paragraph"),
 }
 
 
 def _question(spec: TaskSpec, question: str) -> str:
-  if spec.question == "last_line":
-    return question.strip().split("\n")[-1].strip()
+  if spec.question == "last_paragraph":
+    return question.strip().split("\n\n")[-1].strip()
   return question
 
 

@@ -10,7 +10,8 @@ are built by `scripts/build_data.py`, the only code that downloads. Importing th
 package does not import tensorflow_datasets or grain (the GPU machines lack them): the
 pipeline names below (`lm_batches`, `task_batches`, `task_eval_items`, `prepare`,
 `data_source`, `Batches`) load `jaxsun.data.pipeline`, and with it grain, on first use.
-The synthetic copy/reverse task is `jaxsun.data.synthetic`.
+The synthetic copy/reverse task is `jaxsun.data.synthetic`; a user's own prompt/answer
+file (e.g. the papers' MetaMathQA-40K) is a `LocalTask`, accepted wherever a task name is.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 
 from jaxsun.data.corpora import CORPORA, Document, corpus_chunks, load_corpus
+from jaxsun.data.local_tasks import PAPER_TASKS, LocalTask, paper_task
 from jaxsun.data.paths import data_root
 from jaxsun.data.tasks import (TASKS, Example, exact_match, format_answer, format_prompt,
                                format_text, load_task)
@@ -30,7 +32,8 @@ _PIPELINE = ("lm_batches", "task_batches", "task_eval_items", "prepare", "data_s
 __all__ = [
     "CORPORA", "Document", "corpus_chunks", "load_corpus", "data_root", "TASKS",
     "Example", "exact_match", "format_answer", "format_prompt", "format_text",
-    "load_task", "TOKENIZERS", "ByteTokenizer", "Tokenizer", "get_tokenizer", *_PIPELINE,
+    "load_task", "TOKENIZERS", "ByteTokenizer", "Tokenizer", "get_tokenizer", "LocalTask",
+    "PAPER_TASKS", "paper_task", *_PIPELINE,
 ]
 
 

@@ -470,14 +470,23 @@ class _TaskRow:
     return {"tokens": tokens, "boundary": np.int32(p), "loss_mask": loss_mask}
 
 
-def _task_examples(task: str, split: str, data_dir) -> tuple[str, list[tasks_lib.Example]]:
-  """(split name, examples) of a task, read through its TFDS builder (array_record)."""
+def _task_examples(task, split: str, data_dir) -> tuple[str, list[tasks_lib.Example]]:
+  """(split name, examples) of a task: a committed task through its TFDS builder
+  (array_record), or a user's `LocalTask` file."""
+  from jaxsun.data import local_tasks  # pylint: disable=import-outside-toplevel
+  if isinstance(task, local_tasks.LocalTask):
+    return split, task.load(split)
   tasks_lib.check_task(task)
   task_split = _resolve_split(tasks_lib.SPLITS, split, task)
   source = data_paths.data_root() / tasks_lib.task_path(task)
   stat = source.stat() if source.exists() else None
   stamp = (str(source), stat and stat.st_mtime_ns, stat and stat.st_size)
   return task_split, list(_read_task_split(task, task_split, tfds_data_dir(data_dir), stamp))
+
+
+def task_name(task) -> str:
+  """The label of a task name or `LocalTask`."""
+  return task if isinstance(task, str) else task.name
 
 
 @functools.lru_cache(maxsize=32)
@@ -497,7 +506,8 @@ def task_batches(task: str, tokenizer, *, seq_len: int, batch_size: int, seed: i
   """Prompt/answer batches of one task for supervised fine-tuning or evaluation loss.
 
   Args:
-    task: a name of `jaxsun.data.tasks.TASKS` (read through its TFDS builder).
+    task: a name of `jaxsun.data.tasks.TASKS` (read through its TFDS builder), or a
+      `jaxsun.data.local_tasks.LocalTask` (a user's file).
     tokenizer: a `Tokenizer` or a name for `get_tokenizer`.
     seq_len: tokens per row; longer examples are dropped (`Batches.num_dropped`).
     batch_size: rows per batch.
@@ -517,23 +527,25 @@ def task_batches(task: str, tokenizer, *, seq_len: int, batch_size: int, seed: i
   tok = _as_tokenizer(tokenizer)
   repeat = split == "train" if repeat is None else bool(repeat)
   task_split, examples = _task_examples(task, split, data_dir)
+  if not examples:
+    raise ValueError(f"task {task_name(task)!r} has no examples in split {task_split!r}")
   pairs = [encode_example(ex, tok) for ex in examples]
   kept = [(np.asarray(p, np.int32), np.asarray(a, np.int32)) for p, a in pairs
           if len(p) + len(a) <= seq_len]
   dropped = len(pairs) - len(kept)
   if not kept:
     longest = min(len(p) + len(a) for p, a in pairs)
-    raise ValueError(f"all {len(pairs)} examples of task {task!r} ({task_split}) are "
+    raise ValueError(f"all {len(pairs)} examples of task {task_name(task)!r} ({task_split}) are "
                      f"longer than seq_len={seq_len} tokens with tokenizer "
                      f"{_tokenizer_spec(tok)} (the shortest has {longest}); raise seq_len")
   if dropped:
     log.warning("task %s (%s): dropped %d of %d examples longer than seq_len=%d",
-                task, task_split, dropped, len(pairs), seq_len)
+                task_name(task), task_split, dropped, len(pairs), seq_len)
   ds = grain.MapDataset.source(kept)
   if repeat:
     ds = ds.shuffle(seed=_source_seed(seed, 0)).repeat()
   rows = ds.map(_TaskRow(seq_len, tok.pad_id)).to_iter_dataset(READ_OPTIONS)
-  spec = {"kind": "task", "task": task, "split": task_split,
+  spec = {"kind": "task", "task": task_name(task), "split": task_split,
           "tokenizer": _tokenizer_spec(tok), "seq_len": int(seq_len),
           "batch_size": int(batch_size), "seed": int(seed), "repeat": repeat}
   lengths = [len(p) for p, _ in kept]

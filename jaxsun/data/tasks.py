@@ -12,7 +12,12 @@ The items come from reasoning-gym 0.1.25 generators, run once (seeded) by
 | letter_counting | count one letter in a span of 1-3 words |
 | word_sorting | sort 3-4 words of 3-6 letters (ascending or descending, by code point) |
 | gsm_symbolic | GSM8K-style word problems; the answer is the final integer only |
-| word_sequence_reversal | reverse a list of 2 words ("Reverse this list of words: the, aged" -> "aged, the"); the prompt is reasoning-gym's question line, without the answer-format lines above it |
+| word_sequence_reversal | reverse a list of 2 words ("Reverse this list of words: the, aged" -> "aged, the") |
+| rotate_matrix | rotate a 2x2 digit matrix by 90 degrees clockwise ("...clockwise:\\n5 8\\n8 1" -> "8 5\\n1 8") |
+
+For the last two, the prompt is reasoning-gym's question paragraph without the
+answer-format instructions above it (a tiny model learns the format from the examples,
+and the shorter prompt makes fine-tuning on CPU about twice as cheap).
 
 Splits: `train` (4000), `test` (500) and `validation` (500, for choosing learning rates
 and other settings: never choose on `test`), disjoint by prompt.
@@ -39,7 +44,7 @@ import functools
 from jaxsun.data import paths
 
 TASKS = ("spell_backward", "basic_arithmetic", "letter_counting", "word_sorting",
-         "gsm_symbolic", "word_sequence_reversal")
+         "gsm_symbolic", "word_sequence_reversal", "rotate_matrix")
 SPLITS = ("train", "validation", "test")
 PROMPT_PREFIX, PROMPT_SUFFIX, ANSWER_PREFIX = "Q: ", "\nA:", " "
 

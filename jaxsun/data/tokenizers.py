@@ -31,6 +31,7 @@ import functools
 import gzip
 import hashlib
 import os
+import pathlib
 from typing import Iterable, Protocol, runtime_checkable
 
 from jaxsun.data import paths
@@ -163,8 +164,35 @@ def _cached(name: str, root: str) -> Tokenizer:
   return TiktokenGPT2()
 
 
+# (pad, bos, eos) of model families whose tokenizer.json a user may bring.
+FILE_SPECIALS = (
+    BPE_SPECIALS,
+    ("<|finetune_right_pad_id|>", "<|begin_of_text|>", "<|end_of_text|>"),  # Llama 3.x
+    ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),  # Qwen 2.x
+)
+FILE_PREFIX = "file:"
+
+
+def _from_file(path: str) -> Tokenizer:
+  if not pathlib.Path(path).is_file():
+    raise FileNotFoundError(f"tokenizer file {path!r} (from tokenizer='{FILE_PREFIX}{path}') "
+                            "does not exist; give the path of a Hugging Face tokenizer.json")
+  for specials in FILE_SPECIALS:
+    try:
+      return HFTokenizer(path, name=FILE_PREFIX + path, specials=specials)
+    except ValueError:
+      continue
+  raise ValueError(f"tokenizer file {path} has none of the special-token sets "
+                   f"{FILE_SPECIALS} (pad, bos, eos)")
+
+
 def get_tokenizer(name: str) -> Tokenizer:
-  """A tokenizer by name: "byte", "bpe4k" or "gpt2" (loaded once, then cached)."""
+  """A tokenizer by name: "byte", "bpe4k" or "gpt2" (loaded once, then cached), or
+  "file:<path>" for a Hugging Face `tokenizer.json` of the user's (Llama 3, Qwen 2 or a
+  file with jaxsun's specials)."""
+  if isinstance(name, str) and name.startswith(FILE_PREFIX):
+    return _from_file(name[len(FILE_PREFIX):])
   if name not in TOKENIZERS:
-    raise ValueError(f"unknown tokenizer {name!r}; available: {list(TOKENIZERS)}")
+    raise ValueError(f"unknown tokenizer {name!r}; available: {list(TOKENIZERS)} or "
+                     f"'{FILE_PREFIX}<path to tokenizer.json>'")
   return _cached(name, str(paths.data_root()))

@@ -25,11 +25,11 @@ import jax
 
 import jaxsun
 from jaxsun import data as data_lib
+from jaxsun import lora
 from jaxsun.jobs import common
 from jaxsun.jobs import finetune as ft
 from jaxsun.jobs import lm
 from jaxsun.train import metrics as metrics_lib
-from jaxsun.train.trainer import TrainConfig, evaluate_loss
 
 
 def _enable_compilation_cache(config, workdir: pathlib.Path) -> None:
@@ -44,6 +44,8 @@ def _enable_compilation_cache(config, workdir: pathlib.Path) -> None:
 
 def check_config(config) -> None:
   """Fails early, naming the key, on names the run would only reject minutes later."""
+  if not config.tasks:
+    raise ValueError("config.tasks is empty")
   for t in config.tasks:
     if t not in data_lib.TASKS:
       raise ValueError(f"config.tasks: unknown task {t!r}; available: {list(data_lib.TASKS)}")
@@ -51,9 +53,19 @@ def check_config(config) -> None:
     if r not in ft.REGIMES:
       raise ValueError(f"config.regimes: unknown regime {r!r}; available: "
                        f"{list(ft.REGIMES)}")
-  if not config.tasks:
-    raise ValueError("config.tasks is empty")
+    if r != "none" and r not in config.finetune.learning_rates:
+      raise ValueError(f"config.finetune.learning_rates has no entry for regime {r!r} "
+                       f"(it has {sorted(config.finetune.learning_rates)})")
   data_lib.get_tokenizer(config.tokenizer)  # unknown name -> clear error
+  lora_config(config)
+
+
+def lora_config(config):
+  """The `jaxsun.lora.LoRAConfig` of `config.finetune.lora` (for the *_lora regimes)."""
+  try:
+    return lora.LoRAConfig(**common.to_dict(config.finetune.lora))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config.finetune.lora: {e}") from None
 
 
 def pretrain(config, model_cfg: jaxsun.ModelConfig, tokenizer, workdir: pathlib.Path,
@@ -71,53 +83,26 @@ def pretrain(config, model_cfg: jaxsun.ModelConfig, tokenizer, workdir: pathlib.
 
 def finetune_and_eval(config, base: jaxsun.SplitModel, task: str, regime: str, tokenizer,
                       workdir: pathlib.Path, data_dir: str) -> dict:
-  """One task model: fine-tune `base` in `regime` on `task`, then exact match on test."""
+  """One task model: fine-tune `base` in `regime` on `task`, then score it on test."""
   fc, ec = config.finetune, config.eval
-  split, trainability = ft.regime_split(base, regime)
-  t0 = time.perf_counter()
-  summary = {"trainability": trainability, "last_prompt_token": split.last_prompt_token}
-  if trainability != "none":
-    batches = data_lib.task_batches(task, tokenizer, seq_len=fc.seq_len,
-                                    batch_size=fc.batch_size, seed=config.seed,
-                                    data_dir=data_dir)
-    train_cfg = TrainConfig(steps=fc.steps, trainability=trainability,
-                            optimizer=common.optimizer_config(fc.optimizer),
-                            log_every=fc.log_every, checkpoint_every=fc.checkpoint_every,
-                            seed=config.seed)
-    name = f"finetune/{task}/{regime}"
-    identity = {"finetune": common.to_dict(fc), "task": task, "regime": regime,
-                "base": common.to_dict(config.pretrain), "model": common.to_dict(config.model),
-                "tokenizer": config.tokenizer, "seed": config.seed}
-    trainer, _ = ft.train_run(split, train_cfg, batches, workdir=workdir, name=name,
-                              identity=identity)
-    split = trainer.split
-    losses = lm.loss_series(workdir / "logs" / name)
-    summary.update(final_train_loss=losses[-1][1] if losses else None,
-                   trainable_params=trainer.num_trainable_params(),
-                   dropped_train_examples=batches.num_dropped)
-    # The shared tree must come out bitwise as it went in (it is every task's tree).
-    shared = {"prefill": "decode", "decode": "prefill"}.get(trainability)
-    if shared:
-      summary[f"shared_{shared}_tree_unchanged"] = ft.same_arrays(
-          getattr(split, shared), base.prefill)
-  else:
-    summary.update(final_train_loss=None, trainable_params=0)
-  t1 = time.perf_counter()
-  # Answer-token loss on all test items: finer-grained than exact match for tiny models.
-  test = evaluate_loss(split, data_lib.task_batches(
-      task, tokenizer, seq_len=fc.seq_len, batch_size=ec.batch_size, split="test",
-      data_dir=data_dir))
-  summary["test_loss"] = test["loss"]
-  prompts, answers = data_lib.task_eval_items(task, tokenizer, split="test",
-                                              limit=ec.test_items, data_dir=data_dir)
-  answer_tokens = max(len(tokenizer.encode(a)) for a in answers)
-  em = common.exact_match_eval(split, prompts, answers, tokenizer,
-                               batch_size=ec.batch_size,
-                               max_new_tokens=answer_tokens + 1,
-                               exact_match=data_lib.exact_match)
-  summary.update(accuracy=em["accuracy"], test_items=em["items"], correct=em["correct"],
-                 examples=em["examples"], train_time_s=round(t1 - t0, 2),
-                 eval_time_s=round(time.perf_counter() - t1, 2))
+  seq_len = ft.task_seq_len(task, tokenizer, fc.seq_len)
+  lr = fc.learning_rates.get(regime, 0.0)
+  name = f"finetune/{task}/{regime}"
+  identity = {"finetune": common.to_dict(fc), "task": task, "regime": regime,
+              "base": common.to_dict(config.pretrain), "model": common.to_dict(config.model),
+              "tokenizer": config.tokenizer, "seed": config.seed}
+  split, summary = ft.fit_task_model(
+      base, task, regime, tokenizer, steps=fc.steps, batch_size=fc.batch_size,
+      seq_len=seq_len, optimizer=ft.with_learning_rate(fc.optimizer, lr),
+      lora_cfg=lora_config(config), seed=config.seed, workdir=workdir, name=name,
+      identity=identity, data_dir=data_dir, log_every=fc.log_every,
+      checkpoint_every=fc.checkpoint_every)
+  ev = ft.evaluate_task_model(split, task, tokenizer, split_name="test",
+                              items=ec.test_items, loss_items=ec.loss_items,
+                              batch_size=ec.batch_size, seq_len=seq_len, data_dir=data_dir)
+  summary.update(accuracy=ev["accuracy"], test_items=ev["items"], correct=ev["correct"],
+                 test_loss=ev["loss"], examples=ev["examples"], seq_len=seq_len,
+                 eval_time_s=ev["eval_time_s"])
   return summary
 
 
@@ -136,24 +121,35 @@ def plot_losses(workdir: pathlib.Path, config) -> pathlib.Path:
 
 
 def format_table(results: dict) -> str:
-  """Two task x regime tables: exact match, then the answer-token loss on the test split."""
+  """Task x regime tables: exact match (with the constant-answer baseline and each
+  shared-module regime's ratio to full fine-tuning), then the answer-token loss."""
   tasks = results["tasks"]
   regimes = list(next(iter(tasks.values())))
-  head = f"{'task':<18}" + "".join(f"{r:>10}" for r in regimes)
-  lines = []
-  for title, key in (("exact match on the test split (greedy generation through the "
-                      "split)", "accuracy"),
-                     ("answer-token loss on the whole test split (teacher forced)",
-                      "test_loss")):
-    lines += [title, head, "-" * len(head)]
-    lines += [f"{task:<18}" + "".join(f"{by_regime[r][key]:>10.3f}" for r in regimes)
-              for task, by_regime in tasks.items()]
-    lines.append("")
+  ratio_of = [r for r in regimes if r != "full" and r != "none" and "full" in regimes]
+  cols = ["baseline"] + [c for r in regimes for c in ([r, f"{r}/full"] if r in ratio_of
+                                                        else [r])]
+  head = f"{'task':<24}" + "".join(f"{c:>14}" for c in cols)
+  lines = ["exact match on the test split (greedy generation through the split; baseline: "
+           "always the most common train answer)", head, "-" * len(head)]
+  for task, by_regime in tasks.items():
+    cells = [results["baselines"][task]["accuracy"]]
+    for r in regimes:
+      cells.append(by_regime[r]["accuracy"])
+      if r in ratio_of:
+        full = by_regime["full"]["accuracy"]
+        cells.append(by_regime[r]["accuracy"] / full if full else float("nan"))
+    lines.append(f"{task:<24}" + "".join(f"{c:>14.3f}" for c in cells))
+  lines += ["", "answer-token loss on the test split (teacher forced)",
+            f"{'task':<24}" + "".join(f"{r:>14}" for r in regimes)]
+  lines.append("-" * len(lines[-1]))
+  for task, by_regime in tasks.items():
+    lines.append(f"{task:<24}" + "".join(f"{by_regime[r]['test_loss']:>14.3f}"
+                                         for r in regimes))
   n = next(iter(next(iter(tasks.values())).values()))["test_items"]
   b = results["base"]
-  lines.append(f"({n} exact-match items per task; base validation loss "
-               f"{b['validation_loss']:.3f}; {b['num_params']:,} parameters; wall time "
-               f"{results['wall_time_s']:.0f} s)")
+  lines += ["", f"({n} exact-match items per task; base validation loss "
+            f"{b['validation_loss']:.3f}; {b['num_params']:,} parameters; wall time "
+            f"{results['wall_time_s']:.0f} s)"]
   return "\n".join(lines)
 
 
@@ -171,9 +167,10 @@ def run(config, workdir: str | os.PathLike) -> dict:
         flush=True)
   base, base_summary = pretrain(config, model_cfg, tokenizer, workdir, data_dir)
   print(f"base model: validation loss {base_summary['validation_loss']:.3f}", flush=True)
-  per_task = {}
+  per_task, baselines = {}, {}
   for task in config.tasks:
     per_task[task] = {}
+    baselines[task] = ft.majority_baseline(task, "test", config.eval.test_items)
     for regime in config.regimes:
       res = finetune_and_eval(config, base, task, regime, tokenizer, workdir, data_dir)
       per_task[task][regime] = res
@@ -182,7 +179,7 @@ def run(config, workdir: str | os.PathLike) -> dict:
   png = plot_losses(workdir, config)
   results = {
       "job": "quickstart", "config": common.to_dict(config), "base": base_summary,
-      "tasks": per_task, "loss_curves": png.name,
+      "tasks": per_task, "baselines": baselines, "loss_curves": png.name,
       "wall_time_s": round(sw.elapsed(), 2), "jax": jax.__version__,
       "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
   }
