@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Small batches, many steps: at this size learning is step-bound, and a step of 8
   # rows costs a fifth of one of 32 on 2 CPU cores.
   c.finetune.batch_size = 8
-  c.finetune.steps = 600
+  c.finetune.steps = 1000
   c.finetune.log_every = 25
   c.finetune.checkpoint_every = 0  # 0: only the final step
   # Per regime, chosen on the validation split by the fine-tuning study (see above).

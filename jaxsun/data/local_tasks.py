@@ -69,6 +69,11 @@ class LocalTask:
     return list(_load(self, str(path), stat.st_mtime_ns, stat.st_size)[split])
 
 
+def task_name(task) -> str:
+  """The label of a task: its name, or a `LocalTask`'s `name`."""
+  return task if isinstance(task, str) else task.name
+
+
 def _split_of(prompt: str, test: float, validation: float) -> str:
   u = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:8], "big") / 2.0**64
   return "test" if u < test else "validation" if u < test + validation else "train"

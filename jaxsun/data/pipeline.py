@@ -54,6 +54,7 @@ import grain
 import numpy as np
 
 from jaxsun.data import corpora
+from jaxsun.data.local_tasks import task_name
 from jaxsun.data import paths as data_paths
 from jaxsun.data import tasks as tasks_lib
 from jaxsun.data.tokenizers import Tokenizer, get_tokenizer
@@ -482,11 +483,6 @@ def _task_examples(task, split: str, data_dir) -> tuple[str, list[tasks_lib.Exam
   stat = source.stat() if source.exists() else None
   stamp = (str(source), stat and stat.st_mtime_ns, stat and stat.st_size)
   return task_split, list(_read_task_split(task, task_split, tfds_data_dir(data_dir), stamp))
-
-
-def task_name(task) -> str:
-  """The label of a task name or `LocalTask`."""
-  return task if isinstance(task, str) else task.name
 
 
 @functools.lru_cache(maxsize=32)

@@ -16,6 +16,7 @@ JOBS = {
     "quickstart": "jaxsun.jobs.quickstart:run",
     "lm": "jaxsun.jobs.lm:run",
     "codebook_quant": "jaxsun.jobs.codebook_quant:run",
+    "finetune_split": "jaxsun.jobs.finetune_split:run",
 }
 
 
