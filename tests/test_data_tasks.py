@@ -25,12 +25,14 @@ def load_build_script():
 @pytest.mark.parametrize("name", tasks.TASKS)
 def test_splits_are_disjoint_and_sized(name):
   train, test = tasks.load_task(name, "train"), tasks.load_task(name, "test")
-  assert (len(train), len(test)) == (4000, 500)
-  train_prompts = {ex.prompt for ex in train}
-  test_prompts = {ex.prompt for ex in test}
-  assert len(train_prompts) == len(train) and len(test_prompts) == len(test)  # no repeats
-  assert not train_prompts & test_prompts
-  assert all(ex.answer.strip() and ex.answer == ex.answer.strip() for ex in train + test)
+  validation = tasks.load_task(name, "validation")
+  assert (len(train), len(test), len(validation)) == (4000, 500, 500)
+  prompts = [{ex.prompt for ex in split} for split in (train, test, validation)]
+  assert [len(p) for p in prompts] == [4000, 500, 500]  # no repeats within a split
+  assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2]
+  assert not prompts[1] & prompts[2]
+  assert all(ex.answer.strip() and ex.answer == ex.answer.strip()
+             for ex in train + test + validation)
 
 
 def test_loading_is_deterministic_and_examples_are_frozen():
@@ -63,14 +65,25 @@ def solve(name: str, prompt: str) -> str:
     words = words.split(", ")
     assert 3 <= len(words) <= 4 and all(3 <= len(w) <= 6 for w in words)
     return ", ".join(sorted(words, reverse=direction == "descending"))
+  if name == "word_sequence_reversal":
+    words = re.fullmatch(r"Reverse this list of words: (.*)", prompt).group(1).split(", ")
+    assert len(words) == 2
+    return ", ".join(words[::-1])
+  if name == "rotate_matrix":
+    head, *rows = prompt.split("\n")
+    assert head == "Rotate the matrix below by 90 degrees clockwise:" and len(rows) == 2
+    m = [r.split() for r in rows]
+    return "\n".join(" ".join(m[len(m) - 1 - i][j] for i in range(len(m)))
+                     for j in range(len(m)))
   raise KeyError(name)
 
 
 @pytest.mark.parametrize("name", ["spell_backward", "basic_arithmetic", "letter_counting",
-                                  "word_sorting"])
+                                  "word_sorting", "word_sequence_reversal", "rotate_matrix"])
 def test_answers_match_an_independent_solver(name):
-  for ex in tasks.load_task(name, "train") + tasks.load_task(name, "test"):
-    assert solve(name, ex.prompt) == ex.answer, ex
+  for split in tasks.SPLITS:
+    for ex in tasks.load_task(name, split):
+      assert solve(name, ex.prompt) == ex.answer, ex
 
 
 def test_gsm_symbolic_answers_are_integers():
@@ -101,9 +114,9 @@ def test_unknown_task_or_split():
   with pytest.raises(ValueError, match=r"unknown task 'spell'; available: "
                                        r"\['spell_backward', 'basic_arithmetic'"):
     tasks.load_task("spell", "train")
-  with pytest.raises(ValueError, match=r"unknown task split 'validation'; available: "
-                                       r"\['train', 'test'\]"):
-    tasks.load_task("spell_backward", "validation")
+  with pytest.raises(ValueError, match=r"unknown task split 'valid'; available: "
+                                       r"\['train', 'validation', 'test'\]"):
+    tasks.load_task("spell_backward", "valid")
 
 
 def test_missing_empty_and_corrupt_files(tmp_path, monkeypatch):
@@ -125,7 +138,7 @@ def test_missing_empty_and_corrupt_files(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="is corrupt"):
     tasks.load_task("word_sorting", "train")
   path.write_bytes(gzip.compress(b'{"split": "train", "prompt": "p", "answer": "a"}\n'))
-  with pytest.raises(ValueError, match="has no 'test' examples"):
+  with pytest.raises(ValueError, match="has no 'validation' examples"):
     tasks.load_task("word_sorting", "train")
 
 
@@ -136,6 +149,13 @@ def test_regenerating_gives_the_committed_items():
     committed = tasks.load_task(name, "train")[:5]
     items = build.generate_task_items(name, 5)
     assert [tasks.Example(**it) for it in items] == committed, name
+  # The validation split is the 500 items after train and test (appended later, so the
+  # first 4500 items, and with them train and test, stayed what they were).
+  items = build.generate_task_items("rotate_matrix", 5000)
+  assert [tasks.Example(**it) for it in items[4500:]] == tasks.load_task("rotate_matrix",
+                                                                           "validation")
+  assert [tasks.Example(**it) for it in items[4000:4500]] == tasks.load_task("rotate_matrix",
+                                                                             "test")
   # A different seed gives different items: the seed is what pins the files.
   assert build.generate_task_items("spell_backward", 5, seed=7) != \
       build.generate_task_items("spell_backward", 5)

@@ -35,3 +35,25 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   assert any("text/html" in out.get("data", {}) for cell in nb.cells
              if cell.cell_type == "code" for out in cell.get("outputs", []))
   assert "embed" in text
+
+
+def test_sun_prefillshare_notebook_executes(tmp_path, monkeypatch):
+  nb = nbformat.read(ROOT / "colab" / "sun_prefillshare.ipynb", as_version=4)
+  nbformat.validate(nb)
+  monkeypatch.setenv("JAXSUN_NOTEBOOK_SMALL", "1")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("MPLBACKEND", "Agg")
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()
+  text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
+                   for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+  assert text.count("decode tree unchanged: True") == 2  # two SUN task models
+  assert "shared batch == each model alone (first 6 rows): True" in text
+  assert "spell_backward: exact match" in text and "rotate_matrix: exact match" in text
+  assert text.count("== separate run: True") == 3  # one shared KV, three decode trees
+  assert "== separate run: False" not in text
+  assert "suffix-only prefill == full prefill: True" in text
+  assert "saved" in text

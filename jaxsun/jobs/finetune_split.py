@@ -92,15 +92,19 @@ def check_config(config) -> dict:
   if not config.tokenizer:
     raise ValueError("config.tokenizer is empty; give a tokenizer name or "
                      "file:<path to tokenizer.json> (the base model's)")
+  if config.get("variant") == "paper" and not config.base.checkpoint:
+    raise ValueError("config.base.checkpoint is empty: :paper fine-tunes a pretrained "
+                     "base (Llama-3.1-8B shapes), it does not pretrain one; give the "
+                     "directory of a jaxsun pretraining checkpoint")
+  if config.base.checkpoint and not pathlib.Path(config.base.checkpoint).is_dir():
+    raise FileNotFoundError(f"config.base.checkpoint={config.base.checkpoint!r} is not a "
+                            "directory (a jaxsun pretraining checkpoint directory)")
   tasks = resolve_tasks(config)
   for t in tasks:
     if not isinstance(t, str):
       t.load("train")  # a missing file fails here, naming its config key
   tokenizer = data_lib.get_tokenizer(config.tokenizer)
   model_cfg = common.model_config(config.model, tokenizer.vocab_size, "finetune_split")
-  if config.base.checkpoint and not pathlib.Path(config.base.checkpoint).is_dir():
-    raise FileNotFoundError(f"config.base.checkpoint={config.base.checkpoint!r} is not a "
-                            "directory (a jaxsun pretraining checkpoint directory)")
   try:
     lora_cfg = lora.LoRAConfig(**common.to_dict(config.finetune.lora))
   except (TypeError, ValueError) as e:

@@ -53,11 +53,22 @@ def check_config(config) -> None:
     if r not in ft.REGIMES:
       raise ValueError(f"config.regimes: unknown regime {r!r}; available: "
                        f"{list(ft.REGIMES)}")
-    if r != "none" and r not in config.finetune.learning_rates:
-      raise ValueError(f"config.finetune.learning_rates has no entry for regime {r!r} "
-                       f"(it has {sorted(config.finetune.learning_rates)})")
+    for t in config.tasks:
+      if r != "none":
+        learning_rate(config, t, r)  # a missing entry is an error naming the key
   data_lib.get_tokenizer(config.tokenizer)  # unknown name -> clear error
   lora_config(config)
+
+
+def learning_rate(config, task: str, regime: str) -> float:
+  """`config.finetune.learning_rates[task][regime]`, else `...default[regime]`."""
+  lrs = config.finetune.learning_rates
+  for key in (task, "default"):
+    if key in lrs and regime in lrs[key]:
+      return float(lrs[key][regime])
+  raise ValueError(f"config.finetune.learning_rates has no entry for regime {regime!r} "
+                   f"(neither learning_rates.{task}.{regime} nor "
+                   f"learning_rates.default.{regime})")
 
 
 def lora_config(config):
@@ -86,7 +97,7 @@ def finetune_and_eval(config, base: jaxsun.SplitModel, task: str, regime: str, t
   """One task model: fine-tune `base` in `regime` on `task`, then score it on test."""
   fc, ec = config.finetune, config.eval
   seq_len = ft.task_seq_len(task, tokenizer, fc.seq_len)
-  lr = fc.learning_rates.get(regime, 0.0)
+  lr = 0.0 if regime == "none" else learning_rate(config, task, regime)
   name = f"finetune/{task}/{regime}"
   identity = {"finetune": common.to_dict(fc), "task": task, "regime": regime,
               "base": common.to_dict(config.pretrain), "model": common.to_dict(config.model),
