@@ -182,6 +182,20 @@ def generate(split: SplitModel, prompts, prompt_lengths=None, *, max_new_tokens:
     last = jnp.take_along_axis(prompts, (prompt_lengths - 1)[:, None], axis=1)[:, 0]
     tok, _, cache = decode_step(split, last, cache, step_key(0), sampling)
 
+  return decode_loop(split, tok, cache, max_new_tokens=max_new_tokens, sampling=sampling,
+                     key=key, eos_id=eos_id, pad_id=pad_id)
+
+
+def decode_loop(split: SplitModel, tok: jax.Array, cache: kv_cache.KVCache, *,
+                max_new_tokens: int, sampling: SamplingConfig, key: jax.Array | None,
+                eos_id: int | None, pad_id: int) -> GenerateOutput:
+  """Decode steps from a first output token `tok` (i32[B]) and the cache after it.
+
+  Step i draws with `fold_in(key, i)`; rows stop after `eos_id` and are filled with
+  `pad_id`. `generate` and the shared-module paths (`jaxsun.shared_inference`) end here.
+  """
+  b = tok.shape[0]
+  step_key = (lambda i: None) if key is None else functools.partial(jax.random.fold_in, key)
   out = [tok]
   done = jnp.zeros((b,), bool) if eos_id is None else tok == eos_id
   for i in range(1, max_new_tokens):

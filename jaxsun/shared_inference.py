@@ -37,8 +37,8 @@ import numpy as np
 from jaxsun import kv_cache
 from jaxsun import validation
 from jaxsun.config import ModelConfig
-from jaxsun.generation import (GenerateOutput, SamplingConfig, _sample, decode_step,
-                               pad_prompts, prefill)
+from jaxsun.generation import (GenerateOutput, SamplingConfig, _sample, decode_loop,
+                               decode_step, pad_prompts, prefill)
 from jaxsun.nn.decoder import Mode
 from jaxsun.split import SplitModel, check_split, prefill_lengths
 
@@ -102,33 +102,6 @@ def _step_key(key, i):
   return None if key is None else jax.random.fold_in(key, i)
 
 
-def _decode_loop(dec: SplitModel, tok: jax.Array, cache, *, max_new_tokens: int,
-                 sampling: SamplingConfig, key, eos_id, pad_id) -> GenerateOutput:
-  """The decode loop of `jaxsun.generate` from a first token `tok` (i32[B])."""
-  b = tok.shape[0]
-  out = [tok]
-  done = jnp.zeros((b,), bool) if eos_id is None else tok == eos_id
-  for i in range(1, max_new_tokens):
-    if eos_id is not None and bool(jnp.all(done)):
-      break
-    tok, _, cache = decode_step(dec, jnp.where(done, pad_id, tok), cache, _step_key(key, i),
-                                sampling)
-    tok = jnp.where(done, pad_id, tok)
-    out.append(tok)
-    if eos_id is not None:
-      done = done | (tok == eos_id)
-  tokens = jnp.stack(out, axis=1)
-  tokens = jnp.pad(tokens, ((0, 0), (0, max_new_tokens - tokens.shape[1])),
-                   constant_values=pad_id)
-  if eos_id is None:
-    lengths = jnp.full((b,), max_new_tokens, jnp.int32)
-  else:
-    is_eos = tokens == eos_id
-    lengths = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1,
-                        max_new_tokens).astype(jnp.int32)
-  return GenerateOutput(tokens=tokens, lengths=lengths)
-
-
 def _as_prompts(prompts, prompt_lengths, pad_id):
   if isinstance(prompts, (list, tuple)):
     if prompt_lengths is not None:
@@ -170,8 +143,6 @@ def check_shared_decode(task_models: Sequence[SplitModel]) -> SplitModel:
       raise ValueError(f"task_models[{i}] has a different decode tree from task_models[0]: "
                        "SUN task models must share one frozen decode tree (train them "
                        "with trainability='prefill' from the same base)")
-    if m.graphdef != first.graphdef:
-      pass  # prefill trees may differ in structure (e.g. LoRA adapters on some)
   return _decoder_only(first)
 
 
@@ -229,7 +200,7 @@ def sun_generate(task_models: Sequence[SplitModel], prompts, prompt_lengths=None
     last = jnp.take_along_axis(jnp.asarray(prompts), jnp.asarray(prompt_lengths - 1)[:, None],
                                axis=1)[:, 0]
     tok, _, cache = decode_step(dec, last, cache, _step_key(key, 0), sampling)
-  return _decode_loop(dec, tok, cache, max_new_tokens=max_new_tokens, sampling=sampling,
+  return decode_loop(dec, tok, cache, max_new_tokens=max_new_tokens, sampling=sampling,
                       key=key, eos_id=eos_id, pad_id=pad_id)
 
 
@@ -413,7 +384,7 @@ class SharedContext:
         tok = _sample(self.logits, _step_key(key, 0), sampling)
       else:
         tok, _, cache = decode_step(dec, last, cache, _step_key(key, 0), sampling)
-      outs.append(_decode_loop(dec, tok, cache, max_new_tokens=max_new_tokens,
+      outs.append(decode_loop(dec, tok, cache, max_new_tokens=max_new_tokens,
                                sampling=sampling, key=key, eos_id=eos_id, pad_id=pad_id))
     n_cached = np.asarray(self.cache.lengths)
     separate = len(task_models) * sum(forward_flops(cfg, 0, int(n)) for n in n_cached)

@@ -1,4 +1,4 @@
-"""colab/quickstart.ipynb executes top to bottom (on a small setting), so it cannot rot."""
+"""The notebooks execute top to bottom (on a small setting), so they cannot rot."""
 
 import os
 import pathlib
@@ -11,8 +11,9 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = pathlib.Path(__file__).parents[1]
 
 
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
-  nb = nbformat.read(ROOT / "colab" / "quickstart.ipynb", as_version=4)
+def execute(name, tmp_path, monkeypatch, timeout=300):
+  """Runs colab/<name> in a kernel on the small setting; returns the executed notebook."""
+  nb = nbformat.read(ROOT / "colab" / name, as_version=4)
   nbformat.validate(nb)
   monkeypatch.setenv("JAXSUN_NOTEBOOK_SMALL", "1")
   monkeypatch.setenv("JAXSUN_TFDS_DIR", str(tmp_path / "tfds"))
@@ -21,35 +22,33 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
   # The kernel runs in tmp_path: let it import this checkout even when not installed.
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+  client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
                                    resources={"metadata": {"path": str(tmp_path)}})
   client.execute()
-  text = "\n".join(
-      out.get("text", "") if out.get("output_type") == "stream"
-      else str(out.get("data", {}).get("text/plain", ""))
-      for cell in nb.cells if cell.cell_type == "code" for out in cell.get("outputs", []))
+  return nb
+
+
+def outputs(nb):
+  return [out for cell in nb.cells if cell.cell_type == "code"
+          for out in cell.get("outputs", [])]
+
+
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+  nb = execute("quickstart.ipynb", tmp_path, monkeypatch)
+  text = "\n".join(out.get("text", "") if out.get("output_type") == "stream"
+                   else str(out.get("data", {}).get("text/plain", "")) for out in outputs(nb))
   assert "decode tree unchanged: True" in text
   assert "exact match on 16 test items" in text
   assert "prefill-only: step 8/8" in text  # the trainer's progress lines
   # treescope rendered the trees (an HTML display and a text rendering).
-  assert any("text/html" in out.get("data", {}) for cell in nb.cells
-             if cell.cell_type == "code" for out in cell.get("outputs", []))
+  assert any("text/html" in out.get("data", {}) for out in outputs(nb))
   assert "embed" in text
 
 
 def test_sun_prefillshare_notebook_executes(tmp_path, monkeypatch):
-  nb = nbformat.read(ROOT / "colab" / "sun_prefillshare.ipynb", as_version=4)
-  nbformat.validate(nb)
-  monkeypatch.setenv("JAXSUN_NOTEBOOK_SMALL", "1")
-  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  monkeypatch.setenv("MPLBACKEND", "Agg")
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-      [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": str(tmp_path)}})
-  client.execute()
-  text = "\n".join(out.get("text", "") for cell in nb.cells if cell.cell_type == "code"
-                   for out in cell.get("outputs", []) if out.get("output_type") == "stream")
+  nb = execute("sun_prefillshare.ipynb", tmp_path, monkeypatch, timeout=600)
+  text = "\n".join(out.get("text", "") for out in outputs(nb)
+                   if out.get("output_type") == "stream")
   assert text.count("decode tree unchanged: True") == 2  # two SUN task models
   assert "shared batch == each model alone (first 6 rows): True" in text
   assert "spell_backward: exact match" in text and "rotate_matrix: exact match" in text

@@ -13,7 +13,12 @@ batches, learning rates and PRNG keys the uninterrupted run would have used.
 
 Only the trainable trees (`jaxsun.split.partition`) are optimizer state and donated to
 the jitted step; the frozen trees (for SUN the decode tree every task shares) are passed
-alongside, never donated and never modified.
+alongside, never donated and never modified. In a trained tree with LoRA adapters
+(`jaxsun.lora`) only the adapters are trainable; each step gets its own dropout key.
+
+Untied models train through a static `split_forward` window: from the task pipeline's
+`boundary_range` (one compiled window per dataset), else per batch, rounded to
+`jaxsun.split.WINDOW_BUCKET` so that few windows compile.
 """
 
 from __future__ import annotations
