@@ -17,8 +17,9 @@ on test; mean ± std and the ratio to full fine-tuning; results.json, table.md, 
 Variants and their expected cost:
   * `:tiny` (2 CPU cores): the quickstart's base model (213,760 parameters, byte
     tokenizer, the same pretraining: `configs/quickstart.py` uses the learning rates this
-    study chooses), 3 tasks x 7 regimes x 3 seeds, 1000 steps of batch 8 per run: 90
-    fine-tuning runs, about an hour. Results, plot and the exact command:
+    study chooses), 3 tasks x 7 regimes x 3 seeds, 4 learning rates per full-weight
+    regime and 5 per LoRA regime, 1000 steps of batch 8 per run: 117 fine-tuning runs,
+    about 80 minutes. Results, plot and the exact command:
     experiments/results/finetune_split/.
   * `:gpu` (one H100/H200): a 10.5M-parameter model (the `10m` shapes, byte tokenizer),
     2000 pretraining steps of 64x256 tokens, 2 learning rates per regime, 3 seeds, 1500
@@ -70,9 +71,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.finetune = ml_collections.ConfigDict(q.finetune.to_dict())
   del c.finetune["learning_rates"]  # chosen here, from lr_grid
   c.lr_grid = ml_collections.ConfigDict(dict(
-      full=(1e-3, 2e-3, 4e-3), prefill=(1e-3, 2e-3, 4e-3), decode=(1e-3, 2e-3, 4e-3),
-      full_lora=(4e-3, 1e-2, 2.5e-2), prefill_lora=(4e-3, 1e-2, 2.5e-2),
-      decode_lora=(4e-3, 1e-2, 2.5e-2)))
+      full=(1e-3, 2e-3, 4e-3, 8e-3), prefill=(1e-3, 2e-3, 4e-3, 8e-3),
+      decode=(1e-3, 2e-3, 4e-3, 8e-3),
+      full_lora=(1e-3, 2e-3, 4e-3, 1e-2, 2.5e-2),
+      prefill_lora=(1e-3, 2e-3, 4e-3, 1e-2, 2.5e-2),
+      decode_lora=(1e-3, 2e-3, 4e-3, 1e-2, 2.5e-2)))
   c.eval = ml_collections.ConfigDict(dict(validation_items=200, test_items=500,
                                           batch_size=100))
 

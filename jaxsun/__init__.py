@@ -7,7 +7,9 @@ The public surface of the core:
     SplitModel, split_forward, ...      one graphdef, a prefill tree and a decode tree
     generate, SamplingConfig            generation through the split
 
-and the subpackages `jaxsun.train` (trainer, optimizers, checkpoints, metrics),
+the modules `jaxsun.lora` (LoRA adapters on one tree, shared base arrays) and
+`jaxsun.shared_inference` (SUN's mixed-model decode batches, PrefillShare's shared
+prompt KV), and the subpackages `jaxsun.train` (trainer, optimizers, checkpoints, metrics),
 `jaxsun.data` (corpora, tokenizers, tasks, TFDS + grain pipelines; grain and tfds load
 on first use) and `jaxsun.jobs` (the experiments behind `experiments/launch.py`).
 """

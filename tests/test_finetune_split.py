@@ -14,7 +14,7 @@ from jaxsun.jobs import finetune_split as fs
 def test_variants_build_validate_and_state_their_cost():
   tiny = fs_config.get_config("tiny")
   cost = fs.expected_cost(tiny)
-  assert cost["finetune_runs"] == 3 * (6 * 3 + 6 * 2) == 90
+  assert cost["finetune_runs"] == 3 * (3 * 4 + 3 * 5 + 6 * 2) == 117
   assert cost["model_params"] == 213_760
   assert len(tiny.tasks) >= 3 and len(tiny.seeds) == 3
   assert set(tiny.regimes) == {"full", "prefill", "decode", "none", "full_lora",
