@@ -74,16 +74,17 @@ def test_tasks_builder_matches_load_task(tfds_dir):
   cfg = TaskConfig(name="basic_arithmetic_first50", task="basic_arithmetic",
                    max_examples=50)
   sources = pipeline.prepare(cfg, tfds_dir)
-  for split in ("train", "test"):
+  for split in ("train", "validation", "test"):
     got = [tasks.Example(r["prompt"].decode(), r["answer"].decode())
            for r in (sources[split][i] for i in range(len(sources[split])))]
     assert got == tasks.load_task("basic_arithmetic", split)[:50]
-  # As an LM source, a task record is its format_text; "validation" reads "test".
-  it = pipeline.lm_batches(cfg, "byte", seq_len=64, batch_size=4, split="validation",
-                           data_dir=tfds_dir)
-  text = toks.ByteTokenizer().decode(np.concatenate([b["tokens"] for b in it]).reshape(-1))
-  assert text == "".join(tasks.format_text(ex)
-                         for ex in tasks.load_task("basic_arithmetic", "test")[:50])
+  # As an LM source, a task record is its format_text; "validation" is its own split.
+  for split in ("validation", "test"):
+    it = pipeline.lm_batches(cfg, "byte", seq_len=64, batch_size=4, split=split,
+                             data_dir=tfds_dir)
+    text = toks.ByteTokenizer().decode(np.concatenate([b["tokens"] for b in it]).reshape(-1))
+    assert text == "".join(tasks.format_text(ex)
+                           for ex in tasks.load_task("basic_arithmetic", split)[:50])
 
 
 def test_stale_preparation_is_rebuilt(tmp_path, monkeypatch):
@@ -95,7 +96,7 @@ def test_stale_preparation_is_rebuilt(tmp_path, monkeypatch):
     path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
 
   records = [{"split": s, "prompt": f"p{i}", "answer": f"a{i}"}
-             for i, s in enumerate(["train", "train", "test"])]
+             for i, s in enumerate(["train", "train", "test", "validation"])]
   write(records)
   cfg, data_dir = TaskConfig(name="stale_check", task="spell_backward"), tmp_path / "tfds"
   assert pipeline.prepare(cfg, data_dir)["train"][1]["prompt"] == b"p1"
