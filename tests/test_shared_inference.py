@@ -1,7 +1,6 @@
 """Shared-module inference: SUN's mixed-model decode batch, PrefillShare's shared prompt KV."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
