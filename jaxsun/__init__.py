@@ -14,7 +14,7 @@ prompt KV), and the subpackages `jaxsun.train` (trainer, optimizers, checkpoints
 on first use) and `jaxsun.jobs` (the experiments behind `experiments/launch.py`).
 """
 
-from jaxsun.config import PRESETS, ModelConfig
+from jaxsun.config import PRESETS, ModelConfig, RopeScaling
 from jaxsun.generation import GenerateOutput, SamplingConfig, decode_step, generate, prefill
 from jaxsun.kv_cache import KVCache, LayerCache
 from jaxsun.nn import Decoder, Mode
@@ -25,7 +25,7 @@ from jaxsun.split import (LAST_PROMPT_TOKEN, TRAINABILITY, SplitModel, apply_upd
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "ModelConfig", "Decoder", "Mode", "KVCache", "LayerCache", "SplitModel",
+    "PRESETS", "ModelConfig", "RopeScaling", "Decoder", "Mode", "KVCache", "LayerCache", "SplitModel",
     "split_forward", "next_token_loss", "param_labels", "make_optimizer", "apply_updates",
     "make_train_step", "TRAINABILITY", "LAST_PROMPT_TOKEN", "generate", "prefill",
     "decode_step", "SamplingConfig", "GenerateOutput",

@@ -17,6 +17,37 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama 3's RoPE frequency scaling (Hugging Face `rope_type: "llama3"`).
+
+  Wavelengths longer than `original_max_len / low_freq_factor` are divided by `factor`,
+  those shorter than `original_max_len / high_freq_factor` are kept, and the band in
+  between is interpolated smoothly (`jaxsun.nn.layers.rope_inv_freq`).
+
+  Attributes:
+    factor: how much longer the context got (8.0 for Llama 3.1 / 32.0 for Llama 3.2).
+    low_freq_factor: 1.0 in Meta's releases.
+    high_freq_factor: 4.0 in Meta's releases.
+    original_max_len: the pretraining context (`original_max_position_embeddings`, 8192).
+  """
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 8192
+
+  def __post_init__(self):
+    for field in ("factor", "low_freq_factor", "high_freq_factor", "original_max_len"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"RopeScaling.{field}={value!r} must be a positive number.")
+    if not self.high_freq_factor > self.low_freq_factor:
+      raise ValueError(
+          f"RopeScaling.high_freq_factor={self.high_freq_factor} must exceed "
+          f"RopeScaling.low_freq_factor={self.low_freq_factor}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Llama-style decoder: pre-norm RMSNorm blocks, RoPE, GQA, SwiGLU, final norm.
 
@@ -30,6 +61,8 @@ class ModelConfig:
     max_len: longest sequence (prompt + generated) the model accepts.
     head_dim: per-head width; `None` means `d_model // n_heads`. Must be even (RoPE).
     rope_theta: RoPE base frequency (10_000 classic Llama, 500_000 for Llama 3).
+    rope_scaling: Llama 3's long-context frequency scaling, or None (plain RoPE).
+    qkv_bias: the q/k/v projections add a bias (Qwen2); o_proj and the MLP never do.
     norm_eps: RMSNorm epsilon.
     tie_embeddings: the LM head reuses the token embedding matrix.
     param_dtype: dtype the parameters are stored in.
@@ -51,6 +84,8 @@ class ModelConfig:
   max_len: int
   head_dim: int | None = None
   rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None
+  qkv_bias: bool = False
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   param_dtype: str = "float32"
@@ -82,6 +117,11 @@ class ModelConfig:
                        "integer (RoPE rotates pairs of channels).")
     if not self.rope_theta > 0:
       raise ValueError(f"ModelConfig.rope_theta={self.rope_theta!r} must be > 0.")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ValueError(f"ModelConfig.rope_scaling={self.rope_scaling!r} must be a "
+                       "RopeScaling or None.")
+    if not isinstance(self.qkv_bias, bool):
+      raise ValueError(f"ModelConfig.qkv_bias={self.qkv_bias!r} must be a bool.")
     if not self.norm_eps > 0:
       raise ValueError(f"ModelConfig.norm_eps={self.norm_eps!r} must be > 0.")
     if not self.init_std > 0:
@@ -133,6 +173,8 @@ class ModelConfig:
     """Parameter count from the formula (tests check it against the built model)."""
     d = self.d_model
     attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d
+    if self.qkv_bias:
+      attn += self.q_dim + 2 * self.kv_dim
     mlp = 3 * d * self.d_ff
     block = attn + mlp + 2 * d  # two RMSNorm scales
     head = 0 if self.tie_embeddings else d * self.vocab_size
@@ -161,13 +203,14 @@ PRESETS: dict[str, ModelConfig] = {
     "125m": ModelConfig(name="125m", vocab_size=32768, d_model=768, n_layers=12,
                         n_heads=12, n_kv_heads=4, d_ff=2560, max_len=2048),
     # Shapes of Meta's Llama 3.2 1B / Llama 3.1 8B (for benchmarks and weight import).
-    # Llama 3's long-context RoPE frequency scaling is not applied.
     "llama-3.2-1b": ModelConfig(name="llama-3.2-1b", vocab_size=128256, d_model=2048,
                                 n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
-                                max_len=131072, rope_theta=500_000.0, tie_embeddings=True,
+                                max_len=131072, rope_theta=500_000.0,
+                                rope_scaling=RopeScaling(factor=32.0), tie_embeddings=True,
                                 param_dtype="bfloat16", compute_dtype="bfloat16"),
     "llama-3.1-8b": ModelConfig(name="llama-3.1-8b", vocab_size=128256, d_model=4096,
                                 n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
-                                max_len=131072, rope_theta=500_000.0, tie_embeddings=False,
+                                max_len=131072, rope_theta=500_000.0,
+                                rope_scaling=RopeScaling(factor=8.0), tie_embeddings=False,
                                 param_dtype="bfloat16", compute_dtype="bfloat16"),
 }

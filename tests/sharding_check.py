@@ -61,8 +61,46 @@ def main():
         q_proj_spec=str(q.sharding.spec),
         q_proj_shards=len({s.device for s in q.addressable_shards}),
         logits_devices=len(res["logits"].sharding.device_set))
+  summary["hf_load"] = hf_sharded_load()
   print(json.dumps(summary))
   return 0
+
+
+def hf_sharded_load():
+  """Loads a committed HF checkpoint straight onto a (2, 2, 2) mesh, recording reads."""
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from jaxsun import interop  # pylint: disable=g-import-not-at-top
+  from jaxsun.interop import safetensors_io  # pylint: disable=g-import-not-at-top
+
+  directory = pathlib.Path(__file__).parent / "testdata" / "hf" / "qwen2"
+  golden = np.load(directory / "golden.npz")
+  reads = []
+  original = safetensors_io.CheckpointReader.read
+
+  def recording(self, name, index=None):
+    out = original(self, name, index)
+    reads.append((name, out.size))
+    return out
+
+  safetensors_io.CheckpointReader.read = recording
+  try:
+    mesh = parallel.make_mesh(2, 2, 2)
+    split = interop.load_hf(str(directory), mesh=mesh)
+  finally:
+    safetensors_io.CheckpointReader.read = original
+  q = split.prefill["layers"][0]["attn"]["q_proj"]["kernel"][...]
+  logits = jax.jit(lambda s, t: s.prefill_module()(t)[0])(split, jnp.asarray(golden["tokens"]))
+  full = {}
+  with safetensors_io.CheckpointReader(str(directory)) as reader:
+    for name in reader.names():
+      full[name] = int(np.prod(reader.shape(name)))
+  q_name = "model.layers.0.self_attn.q_proj.weight"
+  return dict(
+      max_abs_dlogit=float(np.max(np.abs(np.asarray(logits) - golden["logits"]))),
+      q_proj_spec=str(q.sharding.spec),
+      q_proj_read_max=max(n for name, n in reads if name == q_name),
+      q_proj_size=full[q_name],
+      any_full_read_of_sharded=any(n == full[q_name] for name, n in reads if name == q_name))
 
 
 if __name__ == "__main__":

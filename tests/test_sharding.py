@@ -41,6 +41,15 @@ def test_parameters_are_really_sharded(summary):
   assert summary["(8, 1, 1)"]["q_proj_spec"] == str(P(None, None))  # data-parallel: replicated
 
 
+def test_hf_checkpoint_loads_straight_into_a_sharded_layout(summary):
+  res = summary["hf_load"]
+  assert res["max_abs_dlogit"] <= 1e-4  # the transformers golden logits
+  assert res["q_proj_spec"] == str(P("fsdp", "tensor"))
+  # Each device read only its quarter of q_proj (fsdp=2 x tensor=2), never all of it.
+  assert res["q_proj_read_max"] == res["q_proj_size"] // 4
+  assert not res["any_full_read_of_sharded"]
+
+
 def test_logical_rules_replicate_indivisible_dims():
   mesh = parallel.make_mesh()  # one device: every axis has size 1
   assert parallel.logical_to_spec(("embed", "mlp"), (64, 128), mesh) == P(None, None)

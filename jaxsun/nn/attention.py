@@ -95,7 +95,7 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    self.rope_theta = cfg.rope_theta
+    self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
     self.dtype = cfg.dtype
     kw = dict(std=cfg.init_std, param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs)
     dense = functools.partial(fp8_linear.dense, cfg.fp8)  # Linear, or Fp8Linear by config
@@ -103,6 +103,12 @@ class Attention(nnx.Module):
     self.k_proj = dense(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
     self.v_proj = dense(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
     self.o_proj = dense(cfg.q_dim, cfg.d_model, ("heads", "embed"), **kw)
+    if cfg.qkv_bias:  # Qwen2; kept outside the projections so quantized layers stay bias-free
+      bias = dict(dtype=cfg.params_dtype, value=0.0)
+      self.q_bias = layers.param(None, (cfg.q_dim,), ("heads",), **bias)
+      self.k_bias = layers.param(None, (cfg.kv_dim,), ("kv_heads",), **bias)
+      self.v_bias = layers.param(None, (cfg.kv_dim,), ("kv_heads",), **bias)
+    self.qkv_bias = cfg.qkv_bias
 
   def init_state(self, batch: int, max_len: int) -> dict[str, jax.Array]:
     """Per-sequence cache state of this variant (none for softmax)."""
@@ -131,11 +137,18 @@ class Attention(nnx.Module):
       (out [B, T, D], updated LayerCache or None).
     """
     b, t, _ = x.shape
-    q = layers.dense_call(self.q_proj, x, key, 0).reshape(b, t, self.n_heads, self.head_dim)
-    k = layers.dense_call(self.k_proj, x, key, 1).reshape(b, t, self.n_kv_heads, self.head_dim)
-    v = layers.dense_call(self.v_proj, x, key, 2).reshape(b, t, self.n_kv_heads, self.head_dim)
-    q = layers.apply_rope(q, positions, self.rope_theta)
-    k = layers.apply_rope(k, positions, self.rope_theta)
+    q = layers.dense_call(self.q_proj, x, key, 0)
+    k = layers.dense_call(self.k_proj, x, key, 1)
+    v = layers.dense_call(self.v_proj, x, key, 2)
+    if self.qkv_bias:
+      q = q + self.q_bias[...].astype(q.dtype)
+      k = k + self.k_bias[...].astype(k.dtype)
+      v = v + self.v_bias[...].astype(v.dtype)
+    q = q.reshape(b, t, self.n_heads, self.head_dim)
+    k = k.reshape(b, t, self.n_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.n_kv_heads, self.head_dim)
+    q = layers.apply_rope(q, positions, self.rope_theta, self.rope_scaling)
+    k = layers.apply_rope(k, positions, self.rope_theta, self.rope_scaling)
     q = q.reshape(b, t, self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim)
 
     if cache is None:

@@ -103,19 +103,46 @@ class SwiGLU(nnx.Module):
     return dense_call(self.down_proj, h, key, 2)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> jax.Array:
+  """RoPE inverse frequencies f32[head_dim / 2], with Llama 3's scaling if given.
+
+  Args:
+    head_dim: per-head width (even).
+    theta: base frequency.
+    scaling: a `jaxsun.config.RopeScaling` or None.
+  """
+  half = head_dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # f32[hd/2]
+  if scaling is None:
+    return inv_freq
+  # Llama 3: keep short wavelengths, stretch long ones by `factor`, blend in between.
+  old = float(scaling.original_max_len)
+  wavelen = 2 * jnp.pi / inv_freq
+  smooth = (old / wavelen - scaling.low_freq_factor) / (
+      scaling.high_freq_factor - scaling.low_freq_factor)
+  blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+  out = jnp.where(wavelen > old / scaling.low_freq_factor, inv_freq / scaling.factor, inv_freq)
+  medium = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+  return jnp.where(medium, blended, out)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float, scaling=None) -> jax.Array:
   """Rotary position embedding, "rotate-half" layout (as in Llama / Hugging Face).
+
+  Hugging Face checkpoints already store q/k projections permuted for rotate-half (their
+  conversion script permutes Meta's interleaved layout), so imported weights need no
+  permutation here.
 
   Args:
     x: [B, T, H, hd] queries or keys.
     positions: i32[B, T] absolute positions.
     theta: base frequency.
+    scaling: optional `jaxsun.config.RopeScaling` (Llama 3 long-context frequencies).
 
   Returns:
     [B, T, H, hd] in x's dtype, computed in float32.
   """
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))  # f32[hd/2]
+  inv_freq = rope_inv_freq(x.shape[-1], theta, scaling)  # f32[hd/2]
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # f32[B, T, hd/2]
   sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
