@@ -189,6 +189,7 @@ def split_forward(split: SplitModel, tokens: jax.Array, boundary: jax.Array, *,
                         cache=pre.init_cache(b, s), new_lengths=full, dropout_key=keys[0])
     return logits, cache
   lo, hi = _check_window(window, s)
+  lo = min(lo, s - 1)  # every row all prompt: the decode tree still gets one position
   dec = split.decode_module()
   # Prefill tree on [0, hi): every slot is written, only slots < n_prefill stay valid.
   h_pre, cache = pre.hidden(tokens[:, :hi], mode=Mode.PREFILL, positions=positions[:, :hi],
