@@ -4,7 +4,7 @@ and the LoRA forms} x seeds, learning rates chosen per regime on validation.
     python -m experiments.launch --config=configs/finetune_split.py:tiny --workdir=/tmp/fs_tiny
     python -m experiments.launch --config=configs/finetune_split.py:gpu --workdir=/tmp/fs_gpu
     python -m experiments.launch --config=configs/finetune_split.py:paper --workdir=/ckpt/fs \
-        --config.base.checkpoint=/ckpt/llama31_8b_base \
+        --config.base.checkpoint=/models/Meta-Llama-3.1-8B \
         --config.tokenizer=file:/models/Llama-3.1-8B/tokenizer.json \
         --config.data.files.metamathqa=/data/MetaMathQA-40K.json \
         --config.data.files.evol_instruct_code=/data/EvolInstruct-Code-80k.json \
@@ -24,7 +24,8 @@ Variants and their expected cost:
   * `:gpu` (one H100/H200): a 10.5M-parameter model (the `10m` shapes, byte tokenizer),
     2000 pretraining steps of 64x256 tokens, 2 learning rates per regime, 3 seeds, 1500
     steps of batch 32: 72 runs; estimated 10-15 minutes (not measured: no GPU run yet).
-  * `:paper` (the papers' setting): Llama-3.1-8B shapes, the user's base checkpoint,
+  * `:paper` (the papers' setting): Llama-3.1-8B, the user's base checkpoint (a Hugging
+    Face directory, imported by `jaxsun.interop.load_hf`, or a jaxsun checkpoint),
     tokenizer and copies of MetaMathQA-40K / EvolInstruct-Code-80K / xLAM-function-
     calling-60K (never downloaded; a missing file is an error naming its config key).
     One epoch-sized run per cell (2500 steps of 16 x 1024 tokens = 41M tokens); full and

@@ -53,6 +53,15 @@ MODELS = {
         rms_norm_eps=1e-6, tie_word_embeddings=True, use_sliding_window=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}),
         "float32", 24, None),
+    # Byte-level vocabulary (jaxsun's "byte" tokenizer, 259 ids): the checkpoint the
+    # eval_harness job's :tiny variant and the import notebook start from.
+    "llama_bytes": ("LlamaConfig", dict(
+        vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=257, eos_token_id=258,
+        pad_token_id=256,
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}),
+        "float32", 32, None),
 }
 
 

@@ -24,7 +24,7 @@ from jaxsun.interop import safetensors_io
 from jaxsun.interop.safetensors_io import CheckpointError
 
 DATA = pathlib.Path(__file__).parent / "testdata" / "hf"
-MODELS = ("llama_untied", "llama3_scaled", "qwen2")
+MODELS = ("llama_untied", "llama3_scaled", "qwen2", "llama_bytes")
 
 
 def golden(name):

@@ -17,6 +17,7 @@ JOBS = {
     "lm": "jaxsun.jobs.lm:run",
     "codebook_quant": "jaxsun.jobs.codebook_quant:run",
     "finetune_split": "jaxsun.jobs.finetune_split:run",
+    "eval_harness": "jaxsun.jobs.eval_harness:run",
 }
 
 

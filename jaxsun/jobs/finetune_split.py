@@ -95,10 +95,12 @@ def check_config(config) -> dict:
   if config.get("variant") == "paper" and not config.base.checkpoint:
     raise ValueError("config.base.checkpoint is empty: :paper fine-tunes a pretrained "
                      "base (Llama-3.1-8B shapes), it does not pretrain one; give the "
-                     "directory of a jaxsun pretraining checkpoint")
+                     "directory of a Hugging Face checkpoint (config.json + *.safetensors, "
+                     "e.g. Meta-Llama-3.1-8B) or of a jaxsun pretraining checkpoint")
   if config.base.checkpoint and not pathlib.Path(config.base.checkpoint).is_dir():
     raise FileNotFoundError(f"config.base.checkpoint={config.base.checkpoint!r} is not a "
-                            "directory (a jaxsun pretraining checkpoint directory)")
+                            "directory (a Hugging Face checkpoint with config.json, or a "
+                            "jaxsun pretraining checkpoint directory)")
   tasks = resolve_tasks(config)
   for t in tasks:
     if not isinstance(t, str):
@@ -135,6 +137,16 @@ def expected_cost(config) -> dict:
 def base_model(config, parts, workdir: pathlib.Path, data_dir) -> tuple[jaxsun.SplitModel, dict]:
   """The base (tied) model: restored from `config.base.checkpoint`, else pretrained."""
   model_cfg, tokenizer = parts["model"], parts["tokenizer"]
+  if config.base.checkpoint and (pathlib.Path(config.base.checkpoint) / "config.json").exists():
+    from jaxsun import interop  # pylint: disable=g-import-not-at-top
+    split = interop.load_hf(config.base.checkpoint, param_dtype=model_cfg.param_dtype,
+                            compute_dtype=model_cfg.compute_dtype)
+    if split.cfg.vocab_size < tokenizer.vocab_size:
+      raise ValueError(f"config.base.checkpoint={config.base.checkpoint!r} has "
+                       f"vocab_size={split.cfg.vocab_size} < config.tokenizer's "
+                       f"{tokenizer.vocab_size}")
+    return split, {"checkpoint": config.base.checkpoint, "format": "huggingface",
+                   "num_params": split.cfg.num_params()}
   if config.base.checkpoint:
     from flax import nnx  # pylint: disable=g-import-not-at-top
     template = jaxsun.SplitModel.from_model(jaxsun.Decoder(model_cfg, rngs=nnx.Rngs(0)))
