@@ -90,13 +90,37 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def global_array(x, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`x` (the same full value in every process) as one array laid out by `sharding`.
+
+  Each process fills only the shards of its own devices, so this works the same with one
+  process and with several joined by `jax.distributed.initialize`.
+  """
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def put_tree(tree, shardings):
+  """`global_array` over a pytree and a matching pytree of shardings."""
+  return jax.tree.map(global_array, tree, shardings)
+
+
+def host_value(x) -> np.ndarray:
+  """A replicated (or single-process) array's value on this host."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  return np.asarray(x.addressable_data(0))
+
+
 def shard_split_model(split, mesh: Mesh, rules=DEFAULT_RULES):
   """Places both trees of a SplitModel on the mesh (a tied model stays tied)."""
   shardings = jax.tree.map(lambda _: None, split)
   shardings = shardings.replace(
       prefill=state_shardings(split.prefill, mesh, rules),
       decode=None if split.decode is None else state_shardings(split.decode, mesh, rules))
-  return jax.device_put(split, shardings)
+  if jax.process_count() == 1:
+    return jax.device_put(split, shardings)
+  return put_tree(split, shardings)
 
 
 def cache_shardings(cache: kv_cache.KVCache, mesh: Mesh, rules=DEFAULT_RULES, *,

@@ -35,7 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxsun import parallel
 from jaxsun.nn.fp8_linear import Fp8Meta
 from jaxsun.split import (TRAINABILITY, SplitModel, combine, next_token_loss_sums,
                           partition, prefill_window)
@@ -110,13 +112,23 @@ def _variable_mask(tree, predicate):
                       is_leaf=is_var)
 
 
-def _to_device_batch(batch: Mapping[str, Any]) -> dict:
+def _to_device_batch(batch: Mapping[str, Any], mesh=None, rules=parallel.DEFAULT_RULES
+                     ) -> dict:
+  """The batch as device arrays; with a mesh, split along the batch axis over it.
+
+  With several processes every process passes the same global batch and each places
+  only its own devices' rows.
+  """
   missing = [k for k in BATCH_KEYS if k not in batch]
   if missing:
     raise ValueError(f"a training batch needs keys {BATCH_KEYS}; missing {missing}")
-  return {"tokens": jnp.asarray(batch["tokens"], jnp.int32),
-          "boundary": jnp.asarray(batch["boundary"], jnp.int32),
-          "loss_mask": jnp.asarray(batch["loss_mask"], jnp.float32)}
+  out = {"tokens": np.asarray(batch["tokens"], np.int32),
+         "boundary": np.asarray(batch["boundary"], np.int32),
+         "loss_mask": np.asarray(batch["loss_mask"], np.float32)}
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in out.items()}
+  return {k: parallel.global_array(v, parallel.batch_sharding(v.shape, mesh, rules))
+          for k, v in out.items()}
 
 
 @functools.partial(jax.jit, static_argnames="window")
@@ -139,8 +151,12 @@ def batch_window(split: SplitModel, boundary, seq_len: int, fixed=None):
 
 
 def evaluate_loss(split: SplitModel, batches: Iterable[Mapping[str, Any]],
-                  max_batches: int | None = None) -> dict:
+                  max_batches: int | None = None, *, mesh=None,
+                  rules=parallel.DEFAULT_RULES) -> dict:
   """Token-weighted mean next-token loss of `split` over `batches` (at most `max_batches`).
+
+  With `mesh`, batches are split over it along the batch axis (`split` should already
+  be placed on it, e.g. a mesh `Trainer`'s model).
 
   Returns:
     {"loss", "perplexity", "tokens" (target tokens counted), "batches"}.
@@ -150,8 +166,9 @@ def evaluate_loss(split: SplitModel, batches: Iterable[Mapping[str, Any]],
     if max_batches is not None and n >= max_batches:
       break
     window = batch_window(split, batch["boundary"], np.shape(batch["tokens"])[1])
-    s, c = jax.device_get(_loss_sums_jit(split, _to_device_batch(batch), window))
-    total, count, n = total + float(s), count + float(c), n + 1
+    s, c = _loss_sums_jit(split, _to_device_batch(batch, mesh, rules), window)
+    total, count, n = (total + float(parallel.host_value(s)),
+                       count + float(parallel.host_value(c)), n + 1)
   if n == 0:
     raise ValueError("evaluate_loss got no batches")
   loss = total / max(count, 1.0)
@@ -166,12 +183,21 @@ class Trainer:
     split: the model; its frozen trees are kept by reference and never modified, its
       trainable trees are copied (the copies are donated to the jitted step).
     config: the `TrainConfig`.
+    mesh: a `jaxsun.parallel.make_mesh` (data, fsdp, tensor) mesh, or None (one device).
+      Parameters and optimizer state are sharded by their logical axes and `rules`,
+      batches along the batch axis; with several processes (`jax.distributed`), each
+      process runs the same program on the same global batches.
+    rules: logical-axis rules for `mesh`.
   """
 
-  def __init__(self, split: SplitModel, config: TrainConfig):
+  def __init__(self, split: SplitModel, config: TrainConfig, *, mesh=None,
+               rules=parallel.DEFAULT_RULES):
     if not isinstance(split, SplitModel):
       raise TypeError(f"split must be a jaxsun SplitModel, got {type(split).__name__}")
     self.config = config
+    self.mesh, self.rules = mesh, rules
+    if mesh is not None:
+      split = parallel.shard_split_model(split, mesh, rules)
     self._template = split
     trainable, self.frozen = partition(split, config.trainability)
     # Donation deletes the input buffers; the caller's model may share these arrays.
@@ -181,9 +207,23 @@ class Trainer:
     tx, self.schedule = make_optimizer(config.optimizer, config.steps)
     labels = jax.tree.map(lambda m: "meta" if m else "param", self._is_meta)
     self.tx = optax.multi_transform({"param": tx, "meta": optax.set_to_zero()}, labels)
-    self.state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
-                            opt_state=self.tx.init(trainable),
-                            rng=jax.random.key_data(jax.random.key(config.seed)))
+    step = np.zeros((), np.int32)
+    rng = np.asarray(jax.random.key_data(jax.random.key(config.seed)))
+    if mesh is None:
+      self._param_shardings = None
+      step, rng, opt_state = jnp.asarray(step), jnp.asarray(rng), self.tx.init(trainable)
+    else:
+      replicated = NamedSharding(mesh, PartitionSpec())
+      step, rng = parallel.global_array(step, replicated), parallel.global_array(rng, replicated)
+      self._param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+      # Moments made by zeros_like inherit their parameters' shardings; whatever is
+      # created from scratch (step counts) is local and gets replicated on the mesh.
+      def on_mesh(x):
+        if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+          return x
+        return parallel.global_array(parallel.host_value(x), replicated)
+      opt_state = jax.tree.map(on_mesh, self.tx.init(trainable))
+    self.state = TrainState(step=step, params=trainable, opt_state=opt_state, rng=rng)
     self._train_step = jax.jit(self._step_impl, donate_argnums=0,
                                static_argnames="window")
     self._window = None  # a dataset-wide prefill window, set by `fit`
@@ -198,7 +238,7 @@ class Trainer:
 
   @property
   def step(self) -> int:
-    return int(self.state.step)
+    return int(parallel.host_value(self.state.step))
 
   def num_trainable_params(self) -> int:
     return int(sum(x.size for x in jax.tree.leaves(self.state.params)))
@@ -240,6 +280,8 @@ class Trainer:
                           (p + u).astype(p.dtype), self._is_meta, state.params, updates, grads)
     grads = jax.tree.map(lambda m, g: jnp.zeros_like(g) if m else g, self._is_meta, grads)
     rng = jax.random.key_data(rng)
+    if self._param_shardings is not None:  # keep the layout step after step
+      params = jax.lax.with_sharding_constraint(params, self._param_shardings)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": self.schedule(state.step), "target_tokens": count}
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
@@ -247,7 +289,7 @@ class Trainer:
 
   def train_step(self, batch: Mapping[str, Any]) -> dict:
     """One update on `batch`; returns the step's metrics as Python floats."""
-    host_batch, batch = batch, _to_device_batch(batch)
+    host_batch, batch = batch, _to_device_batch(batch, self.mesh, self.rules)
     window = batch_window(self._template, host_batch["boundary"],
                           batch["tokens"].shape[1], self._window)
     b = batch["tokens"].shape[0]
@@ -255,12 +297,12 @@ class Trainer:
       raise ValueError(f"batch size {b} is not divisible by TrainConfig.accum_steps="
                        f"{self.config.accum_steps}")
     self.state, metrics = self._train_step(self.state, self.frozen, batch, window=window)
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    return {k: float(parallel.host_value(v)) for k, v in metrics.items()}
 
   def evaluate(self, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None
                ) -> dict:
     """Token-weighted mean loss of the current model over `batches` (`evaluate_loss`)."""
-    return evaluate_loss(self.split, batches, max_batches)
+    return evaluate_loss(self.split, batches, max_batches, mesh=self.mesh, rules=self.rules)
 
   # -- checkpoints ------------------------------------------------------------------------
 
