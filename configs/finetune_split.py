@@ -28,11 +28,13 @@ Variants and their expected cost:
     Face directory, imported by `jaxsun.interop.load_hf`, or a jaxsun checkpoint),
     tokenizer and copies of MetaMathQA-40K / EvolInstruct-Code-80K / xLAM-function-
     calling-60K (never downloaded; a missing file is an error naming its config key).
-    One epoch-sized run per cell (2500 steps of 16 x 1024 tokens = 41M tokens); full and
-    untied regimes need about 16 bytes/parameter of optimizer state (128 GB): a sharded
-    multi-GPU trainer (not yet in jaxsun: the Trainer runs on one device) or the LoRA
-    regimes, which fit one 80 GB GPU. Estimated 6 x 10^18 FLOPs per full-FT run,
-    ~2-3 GPU-hours each on H100 at 40% MFU. Not run here.
+    One epoch-sized run per cell (2500 steps of 16 x 1024 tokens = 41M tokens). Trained
+    on `config.mesh` = fsdp 8 (one node of 8 x 80 GB GPUs); the memory estimate
+    (`jaxsun.train.memory`, printed before the runs, checked against
+    `config.device_memory_gb`) is 35 GiB per device for full fine-tuning and 64 GiB for
+    SUN / PrefillShare (two trees), against 280 / 514 GiB on one device, which the
+    check refuses. Estimated 6 x 10^18 FLOPs per full-FT run, ~2-3 GPU-hours each on
+    H100 at 40% MFU. Not run here.
 
 Measured result (`:tiny`, 2 CPU cores): see experiments/results/finetune_split/README.md.
 """
@@ -79,6 +81,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       decode_lora=(1e-3, 2e-3, 4e-3, 1e-2, 2.5e-2)))
   c.eval = ml_collections.ConfigDict(dict(validation_items=200, test_items=500,
                                           batch_size=100))
+  # Training mesh (jaxsun.parallel.make_mesh) and the memory a device has: a regime
+  # whose estimate (jaxsun.train.memory) does not fit is refused before any work.
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  c.device_memory_gb = 0.0  # 0: no check
 
   if variant == "gpu":
     c.model = ml_collections.ConfigDict(dict(d_model=256, n_layers=12, n_heads=8,
@@ -92,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for r in REGIMES[4:]:
       c.lr_grid[r] = (2e-3, 5e-3)
     c.eval.batch_size = 250
+    c.device_memory_gb = 80.0
   elif variant == "paper":
     c.tasks = ("metamathqa", "evol_instruct_code", "xlam_function_calling")
     c.tokenizer = ""  # file:<path to the base model's tokenizer.json>: required
@@ -107,5 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     for r in REGIMES[4:]:
       c.lr_grid[r] = (1e-4, 2e-4)
     c.eval.update(validation_items=200, test_items=1000, batch_size=32)
+    c.mesh.fsdp = 8  # one node of 8 x 80 GB GPUs
+    c.device_memory_gb = 80.0
   c.lock()
   return c

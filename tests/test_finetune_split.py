@@ -141,3 +141,24 @@ def test_bad_study_configs_are_clear_errors(tmp_path):
   cfg.finetune.lora.rank = 0
   with pytest.raises(ValueError, match="config.finetune.lora: LoRAConfig.rank"):
     fs.check_config(cfg)
+
+
+def test_paper_memory_estimate_fits_eight_gpus_and_refuses_one(tmp_path):
+  paper = fs_config.get_config("paper")
+  paper.tokenizer = "byte"
+  paper.base.checkpoint = str(tmp_path)
+  fields = {"metamathqa": ("query", "response"), "evol_instruct_code": ("instruction", "output"),
+            "xlam_function_calling": ("query", "answers")}
+  for name, (q, a) in fields.items():
+    paper.data.files[name] = str(tmp_path / f"{name}.json")
+    (tmp_path / f"{name}.json").write_text(json.dumps(
+        [{q: f"question {i}", a: f"answer {i}", "tools": "[]"} for i in range(50)]))
+  cost = fs.expected_cost(paper)  # fsdp=8: every regime fits an 80 GB device
+  assert cost["mesh"] == (1, 8, 1)
+  assert all(0 < gib < 72 for gib in cost["memory_per_device_gib"].values()), cost
+  est = fs.check_config(paper)["memory"]
+  assert est["prefill"].params == 2 * est["full"].params  # an untied split holds two trees
+  assert est["prefill_lora"].trainable_state < est["prefill"].trainable_state / 100
+  paper.mesh.fsdp = 1  # one GPU: full-weight regimes cannot fit
+  with pytest.raises(ValueError, match=r"config.device_memory_gb=80 .*regime 'full'.*GiB"):
+    fs.check_config(paper)

@@ -91,12 +91,13 @@ def _check_run_identity(directory: pathlib.Path, identity: dict) -> None:
 def train_run(split: jaxsun.SplitModel, train_cfg: TrainConfig, batches: Iterator, *,
               workdir: pathlib.Path, name: str, identity: dict,
               eval_batches: Callable[[], Iterator] | None = None,
-              keep_checkpoints: int = 1, async_checkpoints: bool = True):
+              keep_checkpoints: int = 1, async_checkpoints: bool = True, mesh=None):
   """Trains with metrics under `workdir/logs/name` and checkpoints under
-  `workdir/checkpoints/name`, resuming from them. Returns (trainer, history)."""
+  `workdir/checkpoints/name`, resuming from them (on `mesh`, if given). Returns
+  (trainer, history)."""
   ckpt_dir = workdir / "checkpoints" / name
   _check_run_identity(ckpt_dir, identity)
-  trainer = Trainer(split, train_cfg)
+  trainer = Trainer(split, train_cfg, mesh=mesh)
   with create_default_writer(workdir / "logs" / name) as writer, Checkpointer(
       ckpt_dir / "steps", keep=keep_checkpoints, async_save=async_checkpoints) as ckpt:
     history = trainer.fit(batches, writer=writer, checkpointer=ckpt,
@@ -165,8 +166,8 @@ def fit_task_model(base: jaxsun.SplitModel, task: str, regime: str, tokenizer, *
                    steps: int, batch_size: int, seq_len: int, optimizer: dict,
                    lora_cfg: lora.LoRAConfig | None, seed: int, workdir: pathlib.Path,
                    name: str, identity: dict, data_dir: str | None,
-                   log_every: int = 10, checkpoint_every: int = 0
-                   ) -> tuple[jaxsun.SplitModel, dict]:
+                   log_every: int = 10, checkpoint_every: int = 0, mesh=None,
+                   device_memory_gb: float = 0.0) -> tuple[jaxsun.SplitModel, dict]:
   """Fine-tunes one task model from `base` in `regime` on the task's train split (loss on
   the answer tokens). Returns (task model, summary); `none` returns the base unchanged.
 
@@ -185,9 +186,10 @@ def fit_task_model(base: jaxsun.SplitModel, task: str, regime: str, tokenizer, *
                                   seed=seed, data_dir=data_dir)
   train_cfg = TrainConfig(steps=steps, trainability=trainability,
                           optimizer=common.optimizer_config(optimizer), log_every=log_every,
-                          checkpoint_every=checkpoint_every, seed=seed)
+                          checkpoint_every=checkpoint_every, seed=seed,
+                          device_memory_gb=device_memory_gb)
   trainer, _ = train_run(split, train_cfg, batches, workdir=workdir, name=name,
-                         identity=identity)
+                         identity=identity, mesh=mesh)
   split = trainer.split
   losses = metrics_lib.scalar_series(metrics_lib.read_jsonl(
       workdir / "logs" / name / "metrics.jsonl"), "loss")

@@ -114,8 +114,35 @@ def check_config(config) -> dict:
   trained = [r for r in config.regimes if r != "none"]
   n_grid = sum(len(config.lr_grid[r]) for r in trained)
   runs = len(tasks) * (n_grid + len(trained) * (len(config.seeds) - 1))
+  mesh_shape = tuple(int(config.mesh[a]) for a in ("data", "fsdp", "tensor"))
+  if min(mesh_shape) < 1:
+    raise ValueError(f"config.mesh={config.mesh.to_dict()} needs positive sizes")
+  memory = {r: memory_estimate(config, model_cfg, lora_cfg, r, mesh_shape) for r in trained}
+  for regime, est in memory.items():
+    try:
+      est.check(config.device_memory_gb)
+    except ValueError as e:
+      raise ValueError(f"config.device_memory_gb={config.device_memory_gb:g} with "
+                       f"config.mesh={mesh_shape}: regime {regime!r}: {e}") from None
   return {"tasks": tasks, "tokenizer": tokenizer, "model": model_cfg, "lora": lora_cfg,
-          "runs": runs}
+          "runs": runs, "memory": memory, "mesh_shape": mesh_shape}
+
+
+def memory_estimate(config, model_cfg, lora_cfg, regime: str, mesh_shape):
+  """`jaxsun.train.memory` estimate of one fine-tuning run of `regime`."""
+  from jaxsun.train import memory  # pylint: disable=g-import-not-at-top
+  trainability = ft.REGIMES[regime][0]
+  trainable = None
+  if regime.endswith("_lora"):  # adapters on every projection: an upper bound
+    c = model_cfg
+    per_layer = (2 * (c.d_model + c.q_dim) + 2 * (c.d_model + c.kv_dim)
+                 + 3 * (c.d_model + c.d_ff))
+    trainable = lora_cfg.rank * per_layer * c.n_layers
+  return memory.estimate_memory(
+      model_cfg, trainability=trainability, untied=trainability in ("prefill", "decode"),
+      batch_size=config.finetune.batch_size,
+      seq_len=config.finetune.seq_len or model_cfg.max_len, mesh_shape=mesh_shape,
+      trainable_params=trainable)
 
 
 def expected_cost(config) -> dict:
@@ -128,7 +155,10 @@ def expected_cost(config) -> dict:
           "finetune_tokens_upper_bound": tokens,
           "finetune_flops_upper_bound": tokens * parts["model"].flops_per_token(
               config.finetune.seq_len or config.model.max_len),
-          "model_params": parts["model"].num_params()}
+          "model_params": parts["model"].num_params(),
+          "mesh": parts["mesh_shape"],
+          "memory_per_device_gib": {r: round(e.total / 2**30, 2)
+                                    for r, e in parts["memory"].items()}}
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -184,7 +214,8 @@ def run_cell(config, parts, base, task, regime: str, lr: float | None, seed: int
       base, task, regime, tokenizer, steps=fc.steps, batch_size=fc.batch_size,
       seq_len=seq_len, optimizer=ft.with_learning_rate(fc.optimizer, lr or 1.0),
       lora_cfg=parts["lora"], seed=seed, workdir=workdir, name=name, identity=identity,
-      data_dir=data_dir, log_every=fc.log_every)
+      data_dir=data_dir, log_every=fc.log_every, mesh=parts.get("mesh"),
+      device_memory_gb=config.device_memory_gb)
   items = ec.validation_items if eval_split == "validation" else ec.test_items
   ev = ft.evaluate_task_model(split, task, tokenizer, split_name=eval_split, items=items,
                               loss_items=items, batch_size=ec.batch_size, seq_len=seq_len,
@@ -291,6 +322,15 @@ def run(config, workdir: str | os.PathLike) -> dict:
   print(f"finetune_split: {parts['model'].num_params():,}-parameter model, tasks "
         f"{[task_name(t) for t in tasks]}, regimes {regimes}, seeds "
         f"{list(config.seeds)}; {parts['runs']} fine-tuning runs", flush=True)
+  for regime, est in parts["memory"].items():
+    print(f"  {regime}: {est.report()}", flush=True)
+  if math.prod(parts["mesh_shape"]) > 1:
+    from jaxsun import parallel  # pylint: disable=g-import-not-at-top
+    if math.prod(parts["mesh_shape"]) > jax.device_count():
+      raise ValueError(f"config.mesh={parts['mesh_shape']} needs "
+                       f"{math.prod(parts['mesh_shape'])} devices; {jax.device_count()} "
+                       "are available")
+    parts["mesh"] = parallel.make_mesh(*parts["mesh_shape"])
   base, base_summary = base_model(config, parts, workdir, data_dir)
   first_seed = config.seeds[0]
   selection, per_seed, baselines = {}, {}, {}

@@ -62,6 +62,9 @@ class TrainConfig:
     checkpoint_every: save every this many steps (0: no checkpoints); the last step is
       always saved when a checkpointer is given.
     seed: seeds the trainer's PRNG key (split once per step, checkpointed).
+    device_memory_gb: refuse to start (with the numbers) when the memory estimate per
+      device (`jaxsun.train.memory`) exceeds this; 0: no check. The estimate is printed
+      before the first step either way.
   """
 
   steps: int
@@ -72,6 +75,7 @@ class TrainConfig:
   eval_every: int = 0
   checkpoint_every: int = 0
   seed: int = 0
+  device_memory_gb: float = 0.0
 
   def __post_init__(self):
     if self.steps < 1:
@@ -240,6 +244,17 @@ class Trainer:
   def step(self) -> int:
     return int(parallel.host_value(self.state.step))
 
+  def memory_estimate(self, batch_size: int, seq_len: int):
+    """`jaxsun.train.memory.MemoryEstimate` of this run for batches of this shape."""
+    from jaxsun.train import memory  # pylint: disable=g-import-not-at-top
+    shape = (1, 1, 1) if self.mesh is None else tuple(
+        self.mesh.shape[a] for a in parallel.MESH_AXES)
+    return memory.estimate_memory(
+        self.model_cfg, trainability=self.config.trainability,
+        untied=not self._template.tied, batch_size=batch_size, seq_len=seq_len,
+        accum_steps=self.config.accum_steps, mesh_shape=shape,
+        trainable_params=self.num_trainable_params())
+
   def num_trainable_params(self) -> int:
     return int(sum(x.size for x in jax.tree.leaves(self.state.params)))
 
@@ -377,6 +392,11 @@ class Trainer:
         tokens = int(np.prod(np.shape(batch["tokens"])))
         seq_len = int(np.shape(batch["tokens"])[1])
         flops = self.model_cfg.flops_per_token(seq_len) * tokens
+        if not history:  # before the first step of this call: the batch shape is known
+          est = self.memory_estimate(*np.shape(batch["tokens"]))
+          if progress:
+            print(f"[{label}] {est.report()}", flush=True)
+          est.check(cfg.device_memory_gb)
         if bar is None and progress is True:  # made here: it needs the batch shape
           from jaxsun.train.progress import Progress  # pylint: disable=g-import-not-at-top
           bar = Progress(total=until, initial=self.step, desc=label, log_every=cfg.log_every,
