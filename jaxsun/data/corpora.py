@@ -1,6 +1,6 @@
 """Committed text corpora, their chunking, and the deterministic train/validation split.
 
-A corpus is `data/corpora/<name>.jsonl.xz`: one JSON record `{"id", "title", "text"}`
+A corpus is `jaxsun/data/files/corpora/<name>.jsonl.xz`: one JSON record `{"id", "title", "text"}`
 per work, written by `scripts/build_data.py`. Works are cut into chunks of whole lines,
 about `CHUNK_CHARS` characters, ending at a paragraph break where possible; every
 `VALIDATION_EVERY`-th chunk (counting over the whole corpus in file order) is in the

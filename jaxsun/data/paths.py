@@ -1,14 +1,16 @@
 """Where the committed data lives, and readers that fail with the rebuild command.
 
-The data files (corpora, tokenizers, generated tasks) are committed under `data/` at the
-repository root, next to the `jaxsun` package. `JAXSUN_DATA_ROOT` points elsewhere (tests
-use it to simulate missing or empty files). Nothing here downloads: only
+The data files (corpora, tokenizers, generated tasks, a tiny checkpoint) are committed
+under `jaxsun/data/files/` and ship inside the package (package data, found through
+`importlib.resources`), so an installed jaxsun reads them from any directory.
+`JAXSUN_DATA_ROOT` points elsewhere (tests use it to simulate missing or empty files). Nothing here downloads: only
 `scripts/build_data.py` does, and it is the command every error message names.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.resources
 import json
 import lzma
 import os
@@ -20,11 +22,12 @@ REBUILD_COMMAND = "python scripts/build_data.py"
 
 
 def data_root() -> pathlib.Path:
-  """The data directory: `$JAXSUN_DATA_ROOT`, else `<repo>/data`."""
+  """The data directory: `$JAXSUN_DATA_ROOT`, else the package's `jaxsun/data/files`."""
   env = os.environ.get(DATA_ROOT_ENV)
   if env:
     return pathlib.Path(env).expanduser()
-  return pathlib.Path(__file__).resolve().parents[2] / "data"
+  # A regular (unzipped) install: the resource is a directory on disk.
+  return pathlib.Path(str(importlib.resources.files("jaxsun.data") / "files"))
 
 
 def data_file(relative: str, *, rebuild: str = "") -> pathlib.Path:

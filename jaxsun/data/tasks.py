@@ -1,7 +1,7 @@
 """Prompt/answer tasks with exact-match accuracy, read from committed files.
 
 The items come from reasoning-gym 0.1.25 generators, run once (seeded) by
-`scripts/build_data.py` and committed as `data/tasks/<name>.jsonl.gz`: one JSON record
+`scripts/build_data.py` and committed as `jaxsun/data/files/tasks/<name>.jsonl.gz`: one JSON record
 `{"split", "prompt", "answer"}` per line, prompts deduplicated before the split, so
 `train` and `test` share no prompt. reasoning-gym is not needed at run time.
 

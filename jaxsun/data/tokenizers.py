@@ -9,10 +9,10 @@
     "byte"   259         256    257    258    UTF-8 bytes 0..255
     "bpe4k"  4096        0      1      2      byte-level BPE (HF tokenizers) trained on the
                                               Shakespeare train split:
-                                              data/tokenizers/bpe4k_shakespeare.json
+                                              jaxsun/data/files/tokenizers/bpe4k_shakespeare.json
     "gpt2"   50259       50257  50258  50256  GPT-2's BPE (tiktoken r50k_base, from the
                                               openai-whisper sdist):
-                                              data/tokenizers/gpt2.tiktoken.gz
+                                              jaxsun/data/files/tokenizers/gpt2.tiktoken.gz
 
 The three special ids are distinct and inside the vocabulary. GPT-2 itself has only
 `<|endoftext|>` (50256), used here as eos; pad (50257) and bos (50258) are two ids added

@@ -33,7 +33,7 @@ class CorpusConfig(tfds.core.BuilderConfig):
 
 
 class JaxsunCorpus(_common.LocalBuilder):
-  """Committed corpora (data/corpora/*.jsonl.xz) cut into ~2-4 KB chunks."""
+  """Committed corpora (jaxsun/data/files/corpora/*.jsonl.xz) cut into ~2-4 KB chunks."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Chunks of whole lines; every 20th chunk is validation."}
@@ -49,7 +49,7 @@ class JaxsunCorpus(_common.LocalBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return _common.LocalDatasetInfo(
         builder=self,
-        description="Text chunks of a corpus committed under data/corpora.",
+        description="Text chunks of a corpus committed under jaxsun/data/files/corpora.",
         features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
         disable_shuffling=True,
         metadata=self._metadata(),

@@ -29,7 +29,7 @@ class TaskConfig(tfds.core.BuilderConfig):
 
 
 class JaxsunTasks(_common.LocalBuilder):
-  """reasoning-gym tasks committed under data/tasks (see jaxsun.data.tasks)."""
+  """reasoning-gym tasks committed under jaxsun/data/files/tasks (see jaxsun.data.tasks)."""
 
   VERSION = tfds.core.Version("1.1.0")
   RELEASE_NOTES = {"1.0.0": "Prompt/answer pairs; train and test disjoint by prompt.",
