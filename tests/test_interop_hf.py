@@ -277,6 +277,33 @@ def test_missing_unknown_and_misshaped_tensors(tmp_path):
     interop.load_hf(str(d))
 
 
+@pytest.mark.parametrize("name", ["llama3_scaled", "qwen2"])
+def test_legacy_config_keys(tmp_path, name):
+  """Configs written before transformers 5 (as on the Hub for Llama 3.1 / Qwen2.5):
+  top-level `rope_theta`, `rope_scaling` with `rope_type`, `torch_dtype`."""
+  d = copy_model(name, tmp_path)
+  cfg = json.load(open(d / "config.json"))
+  rope = cfg.pop("rope_parameters")
+  cfg["rope_theta"] = rope.pop("rope_theta")
+  cfg["rope_scaling"] = rope if rope["rope_type"] != "default" else None
+  cfg["torch_dtype"] = cfg.pop("dtype")
+  json.dump(cfg, open(d / "config.json", "w"))
+  split = interop.load_hf(str(d), param_dtype="float32")
+  assert split.cfg == interop.load_hf(str(DATA / name), param_dtype="float32").cfg
+  tokens, ref = golden(name)
+  assert np.max(np.abs(logits_of(split, tokens) - ref)) <= 1e-4
+
+
+def test_tied_checkpoint_that_also_stores_the_head(tmp_path):
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  d = copy_model("qwen2", tmp_path)  # tied
+  path = str(d / "model.safetensors")
+  tensors = load_file(path)
+  save_file({**tensors, "lm_head.weight": tensors["model.embed_tokens.weight"]}, path)
+  tokens, ref = golden("qwen2")
+  assert np.max(np.abs(logits_of(interop.load_hf(str(d)), tokens) - ref)) <= 1e-4
+
+
 def test_failed_export_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
   split = interop.load_hf(str(DATA / "llama_untied"))
   out = interop.save_hf(split, str(tmp_path / "ckpt"), max_shard_bytes=50_000)

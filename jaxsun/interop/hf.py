@@ -232,8 +232,10 @@ def hf_name(path: tuple) -> tuple[str, bool]:
       "Qwen2 decoders export; merge LoRA adapters first with jaxsun.lora.merge_adapters)")
 
 
-def _check_shapes(reader: safetensors_io.CheckpointReader, flat, directory: str) -> None:
-  expected = set()
+def _check_shapes(reader: safetensors_io.CheckpointReader, flat, directory: str,
+                  tied: bool) -> None:
+  # Some tied checkpoints also store the head; jaxsun's tied head is the embedding.
+  expected = {"lm_head.weight"} if tied else set()
   for path, var in flat:
     name, transposed = hf_name(path)
     expected.add(name)
@@ -271,7 +273,7 @@ def load_decoder_state(directory: str, cfg: ModelConfig, *, mesh: Mesh | None = 
   flat = list(nnx.to_flat_state(abstract_state))
   sharding_of = _sharding_fn(mesh, rules)
   with safetensors_io.CheckpointReader(directory) as reader:
-    _check_shapes(reader, flat, directory)
+    _check_shapes(reader, flat, directory, cfg.tie_embeddings)
     out = []
     for path, var in flat:
       name, transposed = hf_name(path)
