@@ -4,8 +4,10 @@
                    sampling=SamplingConfig(temperature=0.8, top_p=0.9), key=key, eos_id=2)
 
 The prefill tree builds the KV cache from the prompts; the decode tree extends it one
-token per step. `prefill` and `decode_step` are jitted once per (model, shapes,
-sampling) and reused for every step: generation never retraces per token.
+token per step. Decoding runs on device in chunks of up to `DECODE_CHUNK` steps
+(`decode_chunk`, a `lax.fori_loop`): the host syncs once per chunk, not once per token,
+to stop early when every row has emitted `eos_id`. `prefill`, `decode_step` and
+`decode_chunk` are jitted once per (model, shapes, sampling, chunk size) and reused.
 """
 
 from __future__ import annotations
@@ -97,6 +99,37 @@ def _decode_step(split: SplitModel, tokens: jax.Array, cache: kv_cache.KVCache,
 prefill = jax.jit(_prefill, donate_argnames="cache")
 decode_step = jax.jit(_decode_step, static_argnames="sampling", donate_argnames="cache")
 _sample = jax.jit(sample_logits, static_argnames="sampling")
+
+DECODE_CHUNK = 16  # decode steps per device call (chunks of 16, 8, 4, 2, 1 are compiled)
+
+
+def _decode_chunk(split: SplitModel, tok: jax.Array, done: jax.Array,
+                  cache: kv_cache.KVCache, key: jax.Array | None, first_step: jax.Array, *,
+                  n: int, sampling: SamplingConfig, eos_id: int | None, pad_id: int):
+  """`n` decode steps on device. Returns (i32[B, n] tokens, last token, done, cache).
+
+  Step j feeds `tok` (pad for finished rows), draws with `fold_in(key, first_step + j)`
+  and marks rows that emitted `eos_id` as done; finished rows emit `pad_id`.
+  """
+  b = tok.shape[0]
+
+  def body(j, carry):
+    tok, done, cache, out = carry
+    step_key = None if key is None else jax.random.fold_in(key, first_step + j)
+    nxt, _, cache = _decode_step(split, jnp.where(done, pad_id, tok), cache, step_key,
+                                 sampling)
+    nxt = jnp.where(done, pad_id, nxt)
+    if eos_id is not None:
+      done = done | (nxt == eos_id)
+    return nxt, done, cache, out.at[:, j].set(nxt)
+
+  out = jnp.full((b, n), pad_id, jnp.int32)
+  tok, done, cache, out = jax.lax.fori_loop(0, n, body, (tok, done, cache, out))
+  return out, tok, done, cache
+
+
+decode_chunk = jax.jit(_decode_chunk, static_argnames=("n", "sampling", "eos_id", "pad_id"),
+                       donate_argnames="cache")
 
 
 @struct.dataclass
@@ -195,19 +228,19 @@ def decode_loop(split: SplitModel, tok: jax.Array, cache: kv_cache.KVCache, *,
   `pad_id`. `generate` and the shared-module paths (`jaxsun.shared_inference`) end here.
   """
   b = tok.shape[0]
-  step_key = (lambda i: None) if key is None else functools.partial(jax.random.fold_in, key)
-  out = [tok]
+  out = [tok[:, None]]
   done = jnp.zeros((b,), bool) if eos_id is None else tok == eos_id
-  for i in range(1, max_new_tokens):
-    if eos_id is not None and bool(jnp.all(done)):
+  step, remaining = 1, max_new_tokens - 1
+  while remaining > 0:
+    if eos_id is not None and bool(jnp.all(done)):  # one host sync per chunk
       break
-    tok, _, cache = decode_step(split, jnp.where(done, pad_id, tok), cache, step_key(i),
-                                sampling)
-    tok = jnp.where(done, pad_id, tok)
-    out.append(tok)
-    if eos_id is not None:
-      done = done | (tok == eos_id)
-  tokens = jnp.stack(out, axis=1)
+    n = 1 << (min(remaining, DECODE_CHUNK).bit_length() - 1)  # a power of two
+    chunk, tok, done, cache = decode_chunk(split, tok, done, cache, key,
+                                           jnp.asarray(step, jnp.int32), n=n,
+                                           sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+    out.append(chunk)
+    step, remaining = step + n, remaining - n
+  tokens = jnp.concatenate(out, axis=1)
   tokens = jnp.pad(tokens, ((0, 0), (0, max_new_tokens - tokens.shape[1])),
                    constant_values=pad_id)
   if eos_id is None:

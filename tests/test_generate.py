@@ -65,8 +65,9 @@ def test_all_rows_finished_stops_early(model, cfg, monkeypatch):
   prompts = random_tokens(3, (1, 4), cfg.vocab_size)
   first = int(jaxsun.generate(split, prompts, max_new_tokens=1).tokens[0, 0])
   calls = []
-  real = gen.decode_step
-  monkeypatch.setattr(gen, "decode_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+  for name in ("decode_step", "decode_chunk"):
+    real = getattr(gen, name)
+    monkeypatch.setattr(gen, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
   out = jaxsun.generate(split, prompts, max_new_tokens=20, eos_id=first)
   assert int(out.lengths[0]) == 1 and not calls
 
@@ -79,10 +80,12 @@ def test_list_prompts_are_padded(model, cfg):
   np.testing.assert_array_equal(out.tokens, ref.tokens)
 
 
-def test_decode_step_is_traced_once(model, cfg, monkeypatch):
-  counted = chex.assert_max_traces(gen._decode_step, n=1)
-  monkeypatch.setattr(gen, "decode_step",
-                      jax.jit(counted, static_argnames="sampling", donate_argnames="cache"))
+def test_decode_chunks_are_traced_once_per_chunk_size(model, cfg, monkeypatch):
+  # 12 new tokens: the first from prefill, then on-device chunks of 8, 2 and 1 steps.
+  counted = chex.assert_max_traces(gen._decode_chunk, n=3)
+  monkeypatch.setattr(gen, "decode_chunk", jax.jit(
+      counted, static_argnames=("n", "sampling", "eos_id", "pad_id"),
+      donate_argnames="cache"))
   split = untied_split(model)
   prompts = random_tokens(4, (2, 5), cfg.vocab_size)
   key = jax.random.key(0)
