@@ -6,8 +6,8 @@
 The prefill tree builds the KV cache from the prompts; the decode tree extends it one
 token per step. Decoding runs on device in chunks of up to `DECODE_CHUNK` steps
 (`decode_chunk`, a `lax.fori_loop`): the host syncs once per chunk, not once per token,
-to stop early when every row has emitted `eos_id`. `prefill`, `decode_step` and
-`decode_chunk` are jitted once per (model, shapes, sampling, chunk size) and reused.
+and the loop on device stops early once every row has emitted `eos_id`. `prefill`,
+`decode_step` and `decode_chunk` are jitted once per (model, shapes, sampling) and reused.
 """
 
 from __future__ import annotations
@@ -100,35 +100,46 @@ prefill = jax.jit(_prefill, donate_argnames="cache")
 decode_step = jax.jit(_decode_step, static_argnames="sampling", donate_argnames="cache")
 _sample = jax.jit(sample_logits, static_argnames="sampling")
 
-DECODE_CHUNK = 16  # decode steps per device call (chunks of 16, 8, 4, 2, 1 are compiled)
+DECODE_CHUNK = 16  # at most this many decode steps per device call
 
 
 def _decode_chunk(split: SplitModel, tok: jax.Array, done: jax.Array,
-                  cache: kv_cache.KVCache, key: jax.Array | None, first_step: jax.Array, *,
-                  n: int, sampling: SamplingConfig, eos_id: int | None, pad_id: int):
-  """`n` decode steps on device. Returns (i32[B, n] tokens, last token, done, cache).
+                  cache: kv_cache.KVCache, key: jax.Array | None, first_step: jax.Array,
+                  n_steps: jax.Array, *, size: int, sampling: SamplingConfig,
+                  eos_id: int | None, pad_id: int):
+  """Up to `n_steps` (<= `size`) decode steps on device, stopping early once every row
+  is done. Returns (i32[B, size] tokens, pad after the steps run; last token; done; cache).
 
   Step j feeds `tok` (pad for finished rows), draws with `fold_in(key, first_step + j)`
-  and marks rows that emitted `eos_id` as done; finished rows emit `pad_id`.
+  and marks rows that emitted `eos_id` as done; finished rows emit `pad_id`. `n_steps`
+  is a traced value, so one compilation serves every chunk length.
   """
   b = tok.shape[0]
 
-  def body(j, carry):
-    tok, done, cache, out = carry
+  def cond(carry):
+    j, _, done, _, _ = carry
+    go = j < n_steps
+    return go if eos_id is None else go & ~jnp.all(done)
+
+  def body(carry):
+    j, tok, done, cache, out = carry
     step_key = None if key is None else jax.random.fold_in(key, first_step + j)
     nxt, _, cache = _decode_step(split, jnp.where(done, pad_id, tok), cache, step_key,
                                  sampling)
     nxt = jnp.where(done, pad_id, nxt)
     if eos_id is not None:
       done = done | (nxt == eos_id)
-    return nxt, done, cache, out.at[:, j].set(nxt)
+    return j + 1, nxt, done, cache, jax.lax.dynamic_update_slice_in_dim(
+        out, nxt[:, None], j, axis=1)
 
-  out = jnp.full((b, n), pad_id, jnp.int32)
-  tok, done, cache, out = jax.lax.fori_loop(0, n, body, (tok, done, cache, out))
+  out = jnp.full((b, size), pad_id, jnp.int32)
+  _, tok, done, cache, out = jax.lax.while_loop(
+      cond, body, (jnp.zeros((), jnp.int32), tok, done, cache, out))
   return out, tok, done, cache
 
 
-decode_chunk = jax.jit(_decode_chunk, static_argnames=("n", "sampling", "eos_id", "pad_id"),
+decode_chunk = jax.jit(_decode_chunk,
+                       static_argnames=("size", "sampling", "eos_id", "pad_id"),
                        donate_argnames="cache")
 
 
@@ -234,11 +245,11 @@ def decode_loop(split: SplitModel, tok: jax.Array, cache: kv_cache.KVCache, *,
   while remaining > 0:
     if eos_id is not None and bool(jnp.all(done)):  # one host sync per chunk
       break
-    n = 1 << (min(remaining, DECODE_CHUNK).bit_length() - 1)  # a power of two
-    chunk, tok, done, cache = decode_chunk(split, tok, done, cache, key,
-                                           jnp.asarray(step, jnp.int32), n=n,
-                                           sampling=sampling, eos_id=eos_id, pad_id=pad_id)
-    out.append(chunk)
+    n = min(remaining, DECODE_CHUNK)
+    chunk, tok, done, cache = decode_chunk(
+        split, tok, done, cache, key, jnp.asarray(step, jnp.int32), jnp.asarray(n, jnp.int32),
+        size=DECODE_CHUNK, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+    out.append(chunk[:, :n])
     step, remaining = step + n, remaining - n
   tokens = jnp.concatenate(out, axis=1)
   tokens = jnp.pad(tokens, ((0, 0), (0, max_new_tokens - tokens.shape[1])),
