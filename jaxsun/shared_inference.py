@@ -80,9 +80,9 @@ def _prefill_only(split: SplitModel) -> SplitModel:
                     last_prompt_token=split.last_prompt_token)
 
 
-def _bucket(n: int, cap: int) -> int:
-  """The next power of two >= n, at most `cap` (bounds the prefill shapes compiled)."""
-  return min(cap, 1 << max(0, int(n - 1).bit_length()))
+def bucket_length(n: int, cap: int, minimum: int = 1) -> int:
+  """The next power of two >= max(n, minimum), at most `cap` (bounds compiled shapes)."""
+  return min(cap, 1 << max(0, int(max(n, minimum) - 1).bit_length()))
 
 
 @jax.jit
@@ -186,7 +186,7 @@ def sun_generate(task_models: Sequence[SplitModel], prompts, prompt_lengths=None
   # Prefill: the rows of each model through that model's prefill tree, then into the cache.
   for m in np.unique(model_ids):
     rows = np.flatnonzero(model_ids == m)
-    g = _bucket(len(rows), b)
+    g = bucket_length(len(rows), b)
     rows = np.concatenate([rows, np.full(g - len(rows), rows[-1])])  # repeats: same values
     pre = _prefill_only(task_models[int(m)])
     logits_m, cache_m = prefill(pre, jnp.asarray(prompts[rows]),

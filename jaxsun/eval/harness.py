@@ -29,14 +29,11 @@ from tqdm.auto import tqdm
 
 from jaxsun import generation
 from jaxsun import split as split_lib
+from jaxsun.shared_inference import bucket_length
 from jaxsun.eval.harness_tasks import SHIPPED_TASKS  # pylint: disable=unused-import
 
 TASK_DIR = os.path.join(os.path.dirname(__file__), "harness_tasks")
 MIN_BUCKET = 16
-
-
-def _bucket(n: int, cap: int) -> int:
-  return min(cap, max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length()))
 
 
 @functools.partial(jax.jit, static_argnames=("window",))
@@ -125,7 +122,8 @@ class JaxsunLM(TemplateLM):
     for start in tqdm(range(0, len(order), self.batch_size), desc="jaxsun loglikelihood",
                       disable=disable_tqdm):
       idx = order[start:start + self.batch_size]
-      length = _bucket(max(len(rows[i][0]) for i in idx) - 1, self.max_length)
+      length = bucket_length(max(len(rows[i][0]) for i in idx) - 1, self.max_length,
+                             MIN_BUCKET)
       tokens = np.zeros((self.batch_size, length + 1), np.int32)
       boundary = np.ones((self.batch_size,), np.int32)
       n_tokens = np.ones((self.batch_size,), np.int32)  # padding rows score nothing

@@ -26,8 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -375,25 +373,15 @@ def save_hf_split(split: SplitModel, directory: str, **kwargs) -> str:
     raise TypeError(f"split must be a SplitModel, got {type(split).__name__}")
   if split.tied:
     return save_hf(split, directory, **kwargs)
-  directory = os.path.abspath(directory)
-  overwrite = kwargs.pop("overwrite", False)
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-",
-                         dir=os.path.dirname(directory))
-  try:
+  with safetensors_io.atomic_directory(directory,
+                                      overwrite=kwargs.pop("overwrite", False)) as tmp:
     for role, gd, state in (("prefill", split.graphdef, split.prefill),
                             ("decode", split.decode_gd, split.decode)):
       save_hf(nnx.merge(gd, state), os.path.join(tmp, role), **kwargs)
     with open(os.path.join(tmp, SPLIT_FILE), "w") as f:
       json.dump({"prefill": "prefill", "decode": "decode",
                  "last_prompt_token": split.last_prompt_token}, f, indent=2)
-    safetensors_io._replace_dir(tmp, directory)  # pylint: disable=protected-access
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return directory
+  return os.path.abspath(directory)
 
 
 def load_hf_split(directory: str, **kwargs) -> SplitModel:

@@ -149,9 +149,29 @@ def _shards(tensors: Mapping[str, np.ndarray], max_shard_bytes: int | None
   return groups + ([current] if current else [])
 
 
+@contextlib.contextmanager
+def atomic_directory(directory: str, *, overwrite: bool = False):
+  """Yields a temporary sibling of `directory` to fill; renames it into place on success.
+
+  On any error the temporary directory is removed and an existing `directory` is left
+  as it was; with `overwrite`, it is replaced only once the new one is complete.
+  """
+  directory = os.path.abspath(directory)
+  if os.path.exists(directory) and not overwrite:
+    raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+  try:
+    yield tmp
+    _replace_dir(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def write_checkpoint(directory: str, config: dict, tensors: Mapping[str, np.ndarray], *,
-                     max_shard_bytes: int | None = None, overwrite: bool = False,
-                     extra_files: Mapping[str, str] | None = None) -> str:
+                     max_shard_bytes: int | None = None, overwrite: bool = False) -> str:
   """Writes config.json + safetensors (sharded past `max_shard_bytes`), atomically.
 
   Args:
@@ -161,18 +181,11 @@ def write_checkpoint(directory: str, config: dict, tensors: Mapping[str, np.ndar
     max_shard_bytes: split into `model-0000i-of-0000n.safetensors` shards with an index
       when the tensors exceed this many bytes; None: one `model.safetensors`.
     overwrite: replace an existing directory (only once the new one is complete).
-    extra_files: {file name: text} written beside config.json.
 
   Returns:
-    `directory`.
+    `directory` (absolute).
   """
-  directory = os.path.abspath(directory)
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists; pass overwrite=True to replace it")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-  try:
+  with atomic_directory(directory, overwrite=overwrite) as tmp:
     groups = _shards(tensors, max_shard_bytes)
     if len(groups) == 1:
       save_file({n: np.ascontiguousarray(tensors[n]) for n in groups[0]},
@@ -189,14 +202,7 @@ def write_checkpoint(directory: str, config: dict, tensors: Mapping[str, np.ndar
         json.dump({"metadata": {"total_size": total}, "weight_map": mapping}, f, indent=2)
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
-    for fname, text in (extra_files or {}).items():
-      with open(os.path.join(tmp, fname), "w") as f:
-        f.write(text)
-    _replace_dir(tmp, directory)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return directory
+  return os.path.abspath(directory)
 
 
 def _replace_dir(src: str, dst: str) -> None:
