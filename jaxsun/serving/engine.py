@@ -1,0 +1,614 @@
+"""The engine API (JetStream-style) over split models: prefill, insert, generate, free.
+
+Parameters are passed per call, as in JetStream's `Engine`, so one engine serves any
+parameter tree of its architecture; every tree carries an id (`Params.tree_id`, a
+fingerprint of its arrays), which is how SUN and PrefillShare are told apart from a
+mistake:
+
+    engine = Engine(cfg, slots=8, capacity=256)
+    prefix, first = engine.prefill(prefill_params, tokens, true_length,
+                                   existing_prefix=cached)      # only the suffix runs
+    state = engine.init_decode_state()
+    state = engine.insert(prefix, state, slot=3, sampling=SamplingParams(max_tokens=32),
+                          valid_producers={prefill_params.tree_id})
+    state, chunk = engine.generate(decode_params, state)        # up to `chunk` steps on device
+    state = engine.free(state, slot=3)
+
+* A `Prefix` is one sequence's KV plus where it came from: the producing tree's id, the
+  task model, its length and a digest of its KV (computed on device). `insert` refuses a
+  KV whose producer is not valid for the decode module (under SUN: any task model's
+  prefill tree that pairs with this decode tree; under PrefillShare: the shared base
+  prefill tree) and a KV whose digest no longer matches (a corrupted transfer).
+* The decode state is a slotted KV store (`slots` rows of `capacity` tokens) plus
+  per-slot next token, sampling parameters, PRNG key, step and budget. Rows of different
+  task models share one decode step when they share the decode tree (SUN): nothing in
+  the step is per-model.
+* `generate` runs up to `chunk` decode steps in one `lax.while_loop` on device: per-row
+  EOS / stop-token / `max_tokens` checks happen inside the loop, so the host syncs once
+  per chunk, and it may dispatch the next chunk before reading this one (stop checks one
+  chunk behind, as JetStream does). Attention reads only the first `kv_len` slots of the
+  store, a power-of-two bucket covering every live row, not the whole capacity.
+
+Which tree runs the last prompt token follows `SplitModel.last_prompt_token`: with
+"prefill" the prefill tree emits the first token (returned by `prefill`); with "decode"
+the prefix holds every prompt token but the last, which the decode tree consumes as its
+first step (`prefill` returns None for the first token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax import struct
+
+from jaxsun import kv_cache
+from jaxsun.config import ModelConfig
+from jaxsun.nn.decoder import Mode
+from jaxsun.serving.request import RequestError, SamplingParams
+from jaxsun.split import SplitModel, check_split
+
+MAX_STOP_IDS = 4  # stop tokens per request kept on device (EOS included)
+MIN_BUCKET = 16
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def tree_fingerprint(state) -> str:
+  """A content id of a parameter tree: sha256 over structure, shapes, dtypes and bytes.
+
+  Two trees holding the same arrays get the same id, so PrefillShare task models (one
+  frozen prefill tree) hit each other's prefix-cache entries and SUN task models (one
+  frozen decode tree) land in one decode pool, without anyone declaring it.
+  """
+  h = hashlib.sha256()
+  leaves, treedef = jax.tree.flatten(state)
+  h.update(str(treedef).encode())
+  for x in leaves:
+    a = np.asarray(x)
+    h.update(f"{a.shape}{a.dtype}".encode())
+    h.update(np.ascontiguousarray(a).view(np.uint8).tobytes())
+  return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Params:
+  """One parameter tree as an engine runs it: a tied SplitModel plus its id.
+
+  Attributes:
+    tree_id: fingerprint of the tree (`tree_fingerprint`).
+    split: a tied SplitModel of this tree alone (prefill and decode use the same arrays).
+  """
+
+  tree_id: str
+  split: SplitModel
+
+  @property
+  def cfg(self) -> ModelConfig:
+    return self.split.cfg
+
+  @property
+  def last_prompt_token(self) -> str:
+    return self.split.last_prompt_token
+
+  @classmethod
+  def prefill_of(cls, model: SplitModel, tree_id: str | None = None) -> Params:
+    """The prefill tree of `model`."""
+    model = check_split(model, "model")
+    split = SplitModel(graphdef=model.graphdef, prefill=model.prefill,
+                       last_prompt_token=model.last_prompt_token)
+    return cls(tree_id or tree_fingerprint(model.prefill), split)
+
+  @classmethod
+  def decode_of(cls, model: SplitModel, tree_id: str | None = None) -> Params:
+    """The decode tree of `model`."""
+    model = check_split(model, "model")
+    split = SplitModel(graphdef=model.decode_gd, prefill=model.decode_state,
+                       last_prompt_token=model.last_prompt_token)
+    return cls(tree_id or tree_fingerprint(model.decode_state), split)
+
+
+# ----------------------------------------------------------------------------- prefixes
+
+
+def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
+  """The next power of two >= max(n, minimum), at most `cap` (bounds compiled shapes)."""
+  return min(cap, 1 << max(0, int(max(n, minimum) - 1).bit_length()))
+
+
+def _bits_u32(x: jax.Array) -> jax.Array:
+  """The raw bits of a float/int array as uint32 (exact, any 8/16/32-bit dtype)."""
+  width = x.dtype.itemsize * 8
+  if width == 32:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  if width == 16:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  if width == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  raise TypeError(f"cannot digest dtype {x.dtype}")
+
+
+@jax.jit
+def kv_digest(cache: kv_cache.KVCache) -> jax.Array:
+  """A position-weighted checksum of each row's valid KV slots and state: u32[B].
+
+  Every bit of every valid slot enters with its own odd multiplier, so a flipped bit,
+  a swapped pair of slots or a changed length changes the digest. Slots past a row's
+  length are ignored (they are scratch space for the next write).
+  """
+  lengths = cache.lengths
+  total = lengths.astype(jnp.uint32) * jnp.uint32(0x9E3779B1)
+  for i, layer in enumerate(cache.layers):
+    for j, x in enumerate((layer.k, layer.v)):
+      b, s = x.shape[:2]
+      bits = _bits_u32(x).reshape(b, s, -1)
+      idx = jnp.arange(bits.shape[1] * bits.shape[2], dtype=jnp.uint32).reshape(bits.shape[1:])
+      salt = jnp.uint32((2 * (2 * i + j) + 1) * 0x85EBCA6B & 0xFFFFFFFF)
+      mult = idx * jnp.uint32(0x27D4EB2F) + salt | jnp.uint32(1)
+      valid = jnp.arange(s)[None, :, None] < lengths[:, None, None]
+      total = total + jnp.sum(jnp.where(valid, bits * mult, 0), axis=(1, 2), dtype=jnp.uint32)
+    for name in sorted(layer.state):
+      x = layer.state[name]
+      bits = _bits_u32(x).reshape(x.shape[0], -1)
+      idx = jnp.arange(bits.shape[1], dtype=jnp.uint32)
+      total = total + jnp.sum(bits * (idx * jnp.uint32(0x165667B1) | jnp.uint32(1)), axis=1,
+                              dtype=jnp.uint32)
+  return total
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Prefix:
+  """One sequence's prefilled KV and its provenance.
+
+  Attributes:
+    kv: a batch-1 KVCache of `bucket(length)` slots; `kv.lengths == [length]`.
+    length: tokens whose KV is cached (the prompt, minus its last token when the decode
+      tree runs that token).
+    tokens: those tokens (what a prefix cache keys on).
+    producer: tree id of the prefill tree that computed `kv`.
+    model: the task model the request was for.
+    digest: `kv_digest(kv)` at production time (an int).
+    next_token: the token the first decode step consumes: the first output token
+      (last_prompt_token "prefill") or the last prompt token ("decode").
+    first_emitted: whether `next_token` is already an output token (it was sampled by
+      the prefill tree).
+    last_prompt_token: "prefill" or "decode", the convention it was made under.
+  """
+
+  kv: kv_cache.KVCache
+  length: int
+  tokens: tuple[int, ...]
+  producer: str
+  model: str
+  digest: int
+  next_token: int | None
+  first_emitted: bool
+  last_prompt_token: str
+
+  @property
+  def nbytes(self) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(self.kv))
+
+  def verify(self) -> bool:
+    """Whether the KV still has the digest it was produced with."""
+    return int(kv_digest(self.kv)[0]) == self.digest
+
+  def truncated(self, n: int) -> Prefix:
+    """The first `n` cached tokens of this prefix (same arrays, shorter length)."""
+    if not 0 < n <= self.length:
+      raise ValueError(f"n={n} must be in (0, {self.length}]")
+    kv = self.kv.replace(lengths=jnp.full((1,), n, jnp.int32))
+    return dataclasses.replace(self, kv=kv, length=n, tokens=self.tokens[:n],
+                               digest=int(kv_digest(kv)[0]), next_token=None,
+                               first_emitted=False)
+
+
+class InsertError(RequestError):
+  """`insert` refused a prefix (wrong producer, wrong convention, corrupt KV, no room)."""
+
+
+class KVCorrupted(InsertError):
+  """A prefix whose KV no longer matches its digest (e.g. a corrupted transfer)."""
+
+
+# ----------------------------------------------------------------------------- decode state
+
+
+@struct.dataclass
+class DecodeState:
+  """The slotted decode store: `slots` rows, each one request's KV and sampling state."""
+
+  cache: kv_cache.KVCache  # [slots, capacity, Hkv, hd] per layer; lengths i32[slots]
+  tokens: jax.Array  # i32[slots] next input token of each row
+  active: jax.Array  # bool[slots] rows still generating
+  remaining: jax.Array  # i32[slots] output tokens still allowed
+  step: jax.Array  # i32[slots] index of the next output token (its sampling key)
+  keys: jax.Array  # u32[slots, 2] per-request PRNG key data
+  temperature: jax.Array  # f32[slots] (0: greedy)
+  top_p: jax.Array  # f32[slots]
+  top_k: jax.Array  # i32[slots] (0: off)
+  stop_ids: jax.Array  # i32[slots, MAX_STOP_IDS] (-1: unused)
+
+  @property
+  def slots(self) -> int:
+    return self.tokens.shape[0]
+
+
+@struct.dataclass
+class Chunk:
+  """What one `generate` call produced (device arrays; read them one chunk later).
+
+  tokens: i32[slots, size]: the token each row emitted at each step, -1 where the row
+    emitted nothing (inactive or finished).
+  """
+
+  tokens: jax.Array
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
+                top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+  """Per-row sampling: f32[B, V] -> i32[B]. Greedy rows (temperature 0) take the argmax;
+  the others sample with `fold_in(key_b, step_b)` after top-k and top-p filtering, so a
+  request draws the same tokens whatever batch or slot it runs in."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sampled():
+    v = logits.shape[-1]
+    lg = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+    desc = jnp.sort(lg, axis=-1)[:, ::-1]
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, v - 1)[:, None], axis=1)
+    lg = jnp.where((top_k[:, None] > 0) & (lg < kth), -jnp.inf, lg)
+    desc = jnp.where((top_k[:, None] > 0) & (desc < kth), -jnp.inf, desc)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    thresh = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    lg = jnp.where(lg < thresh, -jnp.inf, lg)
+    row_keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(
+        keys, step)
+    draw = jax.vmap(lambda k, l: jax.random.categorical(k, l))(row_keys, lg).astype(jnp.int32)
+    return jnp.where(temperature > 0, draw, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+
+
+_sample_rows = jax.jit(sample_rows)
+
+
+def _slice_kv(cache: kv_cache.KVCache, kv_len: int) -> kv_cache.KVCache:
+  return cache.replace(layers=tuple(
+      l.replace(k=l.k[:, :kv_len], v=l.v[:, :kv_len]) for l in cache.layers))
+
+
+def _unslice_kv(full: kv_cache.KVCache, part: kv_cache.KVCache) -> kv_cache.KVCache:
+  return part.replace(layers=tuple(
+      f.replace(k=jax.lax.dynamic_update_slice_in_dim(f.k, p.k, 0, axis=1),
+                v=jax.lax.dynamic_update_slice_in_dim(f.v, p.v, 0, axis=1), state=p.state)
+      for f, p in zip(full.layers, part.layers)))
+
+
+def _generate(split: SplitModel, ds: DecodeState, n_steps: jax.Array, *, size: int,
+              kv_len: int, pad_id: int):
+  """Up to `n_steps` (<= size) decode steps for every active row, on device."""
+  dec = split.decode_module()
+  slots = ds.tokens.shape[0]
+
+  def cond(carry):
+    j, ds, _, cache = carry
+    return (j < n_steps) & jnp.any(ds.active)
+
+  def body(carry):
+    j, ds, out, cache = carry
+    active = ds.active
+    lengths = cache.lengths
+    # Finished rows stay put: no position advance, no KV write inside their valid part.
+    pos = jnp.where(active, lengths, jnp.minimum(lengths, kv_len - 1))
+    new_len = jnp.where(active, lengths + 1, lengths)
+    tok = jnp.where(active, ds.tokens, pad_id)
+    h, cache = dec.hidden(tok[:, None], mode=Mode.DECODE, positions=pos[:, None],
+                          cache=cache, new_lengths=new_len)
+    logits = dec.logits(h[:, 0])
+    nxt = sample_rows(logits, ds.keys, ds.step, ds.temperature, ds.top_p, ds.top_k)
+    remaining = ds.remaining - active.astype(jnp.int32)
+    stop = jnp.any(nxt[:, None] == ds.stop_ids, axis=1) | (remaining <= 0)
+    out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(active, nxt, -1)[:, None], j,
+                                              axis=1)
+    ds = ds.replace(tokens=jnp.where(active, nxt, ds.tokens), active=active & ~stop,
+                    remaining=remaining, step=ds.step + active.astype(jnp.int32))
+    return j + 1, ds, out, cache
+
+  out = jnp.full((slots, size), -1, jnp.int32)
+  small = _slice_kv(ds.cache, kv_len)
+  _, ds2, out, small = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), ds, out,
+                                                       small))
+  return ds2.replace(cache=_unslice_kv(ds.cache, small)), Chunk(tokens=out)
+
+
+_generate_jit = jax.jit(_generate, static_argnames=("size", "kv_len", "pad_id"),
+                        donate_argnames="ds")
+
+
+@functools.partial(jax.jit, donate_argnames="ds")
+def _insert(ds: DecodeState, kv: kv_cache.KVCache, slot: jax.Array, row: dict) -> DecodeState:
+  """Writes a batch-1 prefix KV into row `slot` and sets that row's sampling state."""
+  def put(big, small):
+    return jax.lax.dynamic_update_slice(big, small.astype(big.dtype),
+                                        (slot,) + (0,) * (big.ndim - 1))
+
+  layers = []
+  for big, small in zip(ds.cache.layers, kv.layers):
+    layers.append(big.replace(
+        k=put(big.k, small.k), v=put(big.v, small.v),
+        state={n: put(big.state[n], small.state[n]) for n in big.state}))
+  cache = ds.cache.replace(layers=tuple(layers),
+                           lengths=ds.cache.lengths.at[slot].set(kv.lengths[0]))
+  return ds.replace(cache=cache, **{k: getattr(ds, k).at[slot].set(v) for k, v in row.items()})
+
+
+@functools.partial(jax.jit, donate_argnames="ds")
+def _free(ds: DecodeState, slot: jax.Array) -> DecodeState:
+  return ds.replace(active=ds.active.at[slot].set(False),
+                    remaining=ds.remaining.at[slot].set(0),
+                    cache=ds.cache.replace(lengths=ds.cache.lengths.at[slot].set(0)))
+
+
+@jax.jit
+def _prefill_call(split: SplitModel, cache: kv_cache.KVCache, tokens: jax.Array,
+                  n_new: jax.Array):
+  """Prefill tree over `tokens` (i32[1, T], n_new valid) after the cached prefix."""
+  pre = split.prefill_module()
+  start = cache.lengths
+  positions = start[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+  h, cache = pre.hidden(tokens, mode=Mode.PREFILL, positions=positions, cache=cache,
+                        new_lengths=start + n_new)
+  last = jnp.take_along_axis(h, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)[:, 0]
+  return pre.logits(last), cache
+
+
+@functools.partial(jax.jit, static_argnames=("length",))
+def _resize(kv: kv_cache.KVCache, *, length: int) -> kv_cache.KVCache:
+  """A batch-1 cache padded or cut to `length` slots (valid slots are kept)."""
+  def fit(x):
+    if x.shape[1] >= length:
+      return x[:, :length]
+    return jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+
+  return kv.replace(layers=tuple(l.replace(k=fit(l.k), v=fit(l.v)) for l in kv.layers))
+
+
+def request_key(seed: int) -> np.ndarray:
+  """The PRNG key data (u32[2]) of a request's seed."""
+  return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Engine:
+  """Prefill / insert / generate / free for one architecture (any of its trees).
+
+  Args:
+    cfg: the architecture (every Params passed must have it).
+    slots: decode rows (the continuous batch).
+    capacity: KV slots per row (prompt + output must fit; <= cfg.max_len).
+    chunk: decode steps per `generate` call.
+    pad_id: filler token of inactive rows.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, slots: int = 8, capacity: int | None = None,
+               chunk: int = 16, pad_id: int = 0):
+    capacity = cfg.max_len if capacity is None else capacity
+    for name, v in (("slots", slots), ("capacity", capacity), ("chunk", chunk)):
+      if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"Engine {name}={v!r} must be a positive integer")
+    if capacity > cfg.max_len:
+      raise ValueError(f"Engine capacity={capacity} exceeds ModelConfig.max_len={cfg.max_len}")
+    if not 0 <= pad_id < cfg.vocab_size:
+      raise ValueError(f"Engine pad_id={pad_id} is outside the vocabulary")
+    self.cfg, self.slots, self.capacity, self.chunk, self.pad_id = (cfg, slots, capacity,
+                                                                    chunk, pad_id)
+
+  def _check_params(self, params: Params, arg: str) -> None:
+    if not isinstance(params, Params):
+      raise TypeError(f"{arg} must be jaxsun.serving.engine.Params, got "
+                      f"{type(params).__name__}")
+    if params.cfg != self.cfg:
+      raise ValueError(f"{arg} (tree {params.tree_id}) has config {params.cfg.name!r}, not "
+                       f"this engine's {self.cfg.name!r}")
+
+  # -- prefill
+
+  def prefill(self, params: Params, tokens, true_length: int | None = None, *,
+              existing_prefix: Prefix | None = None, model: str = "",
+              sampling: SamplingParams | None = None) -> tuple[Prefix, int | None]:
+    """Runs the prefill tree over a prompt, reusing `existing_prefix`'s KV if given.
+
+    Args:
+      params: the prefill tree.
+      tokens: the prompt (a sequence of ids, or an array; the first `true_length` count).
+      true_length: prompt length (default: all of `tokens`).
+      existing_prefix: a cached prefix by the same tree whose tokens start the prompt;
+        only the remaining tokens run.
+      model: the task model id recorded in the prefix.
+      sampling: how to pick the first token (last_prompt_token "prefill"); greedy if None.
+
+    Returns:
+      (prefix, first token or None when the decode tree picks it).
+    """
+    self._check_params(params, "params")
+    tokens = tuple(int(t) for t in np.asarray(tokens).reshape(-1))
+    n = len(tokens) if true_length is None else int(true_length)
+    if not 0 < n <= len(tokens):
+      raise RequestError("prompt", f"true_length={n} must be in [1, {len(tokens)}]")
+    tokens = tokens[:n]
+    if max(tokens) >= self.cfg.vocab_size:
+      raise RequestError("prompt", f"token id {max(tokens)} is outside the vocabulary "
+                         f"[0, {self.cfg.vocab_size})")
+    if n > self.capacity:
+      raise RequestError("prompt", f"{n} tokens exceed the KV capacity {self.capacity}")
+    decode_first = params.last_prompt_token == "decode"
+    n_cache = n - 1 if decode_first else n
+    cached = 0
+    base = None
+    if existing_prefix is not None:
+      if existing_prefix.producer != params.tree_id:
+        raise InsertError("existing_prefix", f"was produced by tree "
+                          f"{existing_prefix.producer}, not by {params.tree_id}")
+      cached = min(existing_prefix.length, n_cache)
+      if existing_prefix.tokens[:cached] != tokens[:cached]:
+        raise InsertError("existing_prefix", "its tokens do not start the prompt")
+      base = existing_prefix.kv if cached else None
+    if n_cache == 0:  # a one-token prompt under "decode": nothing for the prefill tree
+      kv = self._empty_kv(MIN_BUCKET)
+      logits = None
+    else:
+      new = n_cache - cached
+      t_len = bucket(max(new, 1), self.capacity, minimum=8)
+      if cached + t_len > self.capacity:
+        t_len = self.capacity - cached
+      length = bucket(cached + t_len, self.capacity)
+      if base is None:
+        kv = self._empty_kv(length)
+      else:
+        kv = _resize(base, length=length).replace(lengths=jnp.full((1,), cached, jnp.int32))
+      chunk = np.full((1, t_len), self.pad_id, np.int32)
+      chunk[0, :new] = tokens[cached:n_cache]
+      if new == 0:  # the whole prompt is cached: recompute the last position for logits
+        kv = kv.replace(lengths=jnp.full((1,), cached - 1, jnp.int32))
+        chunk[0, 0] = tokens[cached - 1]
+        new = 1
+      logits, kv = _prefill_call(params.split, kv, jnp.asarray(chunk),
+                                 jnp.full((1,), new, jnp.int32))
+    first = None
+    if decode_first:
+      next_token = tokens[-1]
+    else:
+      sp = sampling or SamplingParams()
+      first = int(_sample_rows(logits, jnp.asarray(request_key(_seed(sp)))[None],
+                              jnp.zeros((1,), jnp.int32),
+                              jnp.full((1,), sp.temperature, jnp.float32),
+                              jnp.full((1,), sp.top_p, jnp.float32),
+                              jnp.full((1,), sp.top_k, jnp.int32))[0])
+      next_token = first
+    prefix = Prefix(kv=kv, length=n_cache, tokens=tokens[:n_cache], producer=params.tree_id,
+                    model=model, digest=int(kv_digest(kv)[0]), next_token=next_token,
+                    first_emitted=not decode_first,
+                    last_prompt_token=params.last_prompt_token)
+    return prefix, first
+
+  def _empty_kv(self, length: int) -> kv_cache.KVCache:
+    return _empty_cache(self.cfg, length)
+
+  # -- decode
+
+  def init_decode_state(self) -> DecodeState:
+    """An empty slotted store (every row free)."""
+    s = self.slots
+    cache = _empty_cache(self.cfg, self.capacity, batch=s)
+    return DecodeState(
+        cache=cache, tokens=jnp.zeros((s,), jnp.int32), active=jnp.zeros((s,), bool),
+        remaining=jnp.zeros((s,), jnp.int32), step=jnp.zeros((s,), jnp.int32),
+        keys=jnp.zeros((s, 2), jnp.uint32), temperature=jnp.zeros((s,), jnp.float32),
+        top_p=jnp.ones((s,), jnp.float32), top_k=jnp.zeros((s,), jnp.int32),
+        stop_ids=jnp.full((s, MAX_STOP_IDS), -1, jnp.int32))
+
+  def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int, *,
+             sampling: SamplingParams, valid_producers, eos_id: int | None = None,
+             verify: bool = True) -> DecodeState:
+    """Puts a prefix into decode row `slot`; the row is active from the next step.
+
+    Args:
+      prefix: the KV and first token from `prefill` (possibly after a transfer).
+      decode_state: the store (donated: use the returned state).
+      slot: the row.
+      sampling: the request's sampling and budget (`max_tokens` counts the first token
+        if the prefill tree already emitted it).
+      valid_producers: tree ids whose KV this decode tree may consume.
+      eos_id: the model's EOS (ignored with `sampling.ignore_eos`).
+      verify: recompute the KV digest and refuse a mismatch (`KVCorrupted`).
+
+    Raises:
+      InsertError: the producer is not valid here, the convention differs, or the
+        request does not fit; KVCorrupted: the digest does not match.
+    """
+    if not isinstance(prefix, Prefix):
+      raise TypeError(f"prefix must be a Prefix, got {type(prefix).__name__}")
+    if prefix.producer not in valid_producers:
+      raise InsertError("prefix", f"KV produced by tree {prefix.producer} (model "
+                        f"{prefix.model!r}) is not valid for this decode module; valid "
+                        f"producers: {sorted(valid_producers)}")
+    if not 0 <= slot < self.slots:
+      raise InsertError("slot", f"slot={slot} is outside [0, {self.slots})")
+    emitted = 1 if prefix.first_emitted else 0
+    budget = sampling.max_tokens - emitted
+    if prefix.length + budget > self.capacity:  # every decode step writes one KV slot
+      raise InsertError("max_tokens", f"{prefix.length} cached tokens + {sampling.max_tokens} "
+                        f"new tokens exceed the KV capacity {self.capacity}")
+    if prefix.kv.max_len > self.capacity:
+      raise InsertError("prefix", f"KV of {prefix.kv.max_len} slots > capacity {self.capacity}")
+    if verify and not prefix.verify():
+      raise KVCorrupted("prefix", f"KV digest mismatch for model {prefix.model!r}: the KV "
+                        "changed after it was produced (corrupted transfer?)")
+    stops = [] if (eos_id is None or sampling.ignore_eos) else [eos_id]
+    stops += list(sampling.stop_token_ids)
+    if len(stops) > MAX_STOP_IDS:
+      raise InsertError("stop_token_ids", f"at most {MAX_STOP_IDS - 1} stop tokens besides EOS")
+    # A first token that already stops the request leaves nothing to decode.
+    done = emitted and (budget <= 0 or prefix.next_token in stops)
+    row = dict(tokens=jnp.int32(prefix.next_token), active=jnp.bool_(not done),
+               remaining=jnp.int32(max(budget, 0)), step=jnp.int32(emitted),
+               keys=jnp.asarray(request_key(_seed(sampling))),
+               temperature=jnp.float32(sampling.temperature),
+               top_p=jnp.float32(sampling.top_p), top_k=jnp.int32(sampling.top_k),
+               stop_ids=jnp.asarray(stops + [-1] * (MAX_STOP_IDS - len(stops)), jnp.int32))
+    return _insert(decode_state, prefix.kv, jnp.int32(slot), row)
+
+  def kv_len_for(self, max_live_length: int) -> int:
+    """The attention window of a chunk: a bucket covering every live row plus a chunk."""
+    return bucket(max_live_length + self.chunk, self.capacity)
+
+  def generate(self, params: Params, decode_state: DecodeState, *, max_live_length: int,
+               n_steps: int | None = None) -> tuple[DecodeState, Chunk]:
+    """Up to `n_steps` (default `chunk`) decode steps for all active rows, on device.
+
+    Args:
+      params: the decode tree.
+      decode_state: the store (donated).
+      max_live_length: an upper bound on the longest active row's KV length now (the host
+        knows it from the tokens it has seen); attention reads a bucket covering it.
+      n_steps: steps to run at most (rows stop earlier on EOS, stop ids, max_tokens).
+
+    Returns:
+      (new state, Chunk); nothing is read back to the host here.
+    """
+    self._check_params(params, "params")
+    n = self.chunk if n_steps is None else n_steps
+    return _generate_jit(params.split, decode_state, jnp.asarray(n, jnp.int32),
+                         size=self.chunk, kv_len=self.kv_len_for(max_live_length),
+                         pad_id=self.pad_id)
+
+  def free(self, decode_state: DecodeState, slot: int) -> DecodeState:
+    """Releases row `slot` (its KV is overwritten by the next insert)."""
+    return _free(decode_state, jnp.int32(slot))
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros_fn(cfg: ModelConfig, length: int, batch: int):
+  from jaxsun.nn.decoder import Decoder
+
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+  return jax.jit(lambda: abstract.init_cache(batch, length))
+
+
+def _empty_cache(cfg: ModelConfig, length: int, batch: int = 1) -> kv_cache.KVCache:
+  return _zeros_fn(cfg, length, batch)()
+
+
+def _seed(sampling: SamplingParams) -> int:
+  return 0 if sampling.seed is None else int(sampling.seed)
