@@ -66,6 +66,12 @@ class RequestHandle:
     self._aq: asyncio.Queue | None = None
     self.done = threading.Event()
     self.error: Exception | None = None
+    self._on_cancel = None  # set by the system: frees the request's slot
+
+  def cancel(self) -> None:
+    """Stops the request (client gone, stop string matched); it ends with "abort"."""
+    if self._on_cancel is not None and not self.done.is_set():
+      self._on_cancel()
 
   def _put(self, item) -> None:
     with self._lock:

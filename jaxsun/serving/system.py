@@ -224,6 +224,9 @@ class ServingSystem:
 
   def _loop(self, worker) -> None:
     while not self._stop.is_set() and worker.alive:
+      if getattr(worker, "kill_requested", False):  # dies here, between two iterations
+        worker.rerouted = self._worker_died(worker, "killed")
+        return
       try:
         if not worker.run_once():
           worker.wait_for_work(0.02)
@@ -279,6 +282,7 @@ class ServingSystem:
                            prompt_len=len(request.prompt), arrival=request.arrival_time)
     handle = RequestHandle(request, record)
     job = Job(request=request, record=record, eos_id=self.eos_id)
+    handle._on_cancel = lambda: setattr(job, "cancelled", True)
     with self._lock:
       if self.draining:
         raise self._reject(record, Overloaded("server is shutting down", status=503))
@@ -401,14 +405,27 @@ class ServingSystem:
 
   # -- failures
 
-  def kill_worker(self, worker_id: str) -> int:
-    """Kills a worker now (a crash); its requests are recomputed elsewhere. Returns how
-    many were re-routed."""
+  def kill_worker(self, worker_id: str, timeout: float = 60.0) -> int:
+    """Kills a worker (a crash): it stops at its next iteration boundary, losing the
+    chunk in flight; its requests are recomputed elsewhere. Returns how many were
+    re-routed."""
     w = next((w for w in self.prefill_workers + self.decode_workers
               if w.worker_id == worker_id), None)
     if w is None:
       raise ValueError(f"no worker {worker_id!r}")
-    return self._worker_died(w, "killed")
+    if not self._threads or self._stop.is_set():
+      return self._worker_died(w, "killed")
+    w.kill_requested = True  # its own thread hands its jobs over: no race with its loop
+    with w.cv:
+      w.cv.notify_all()
+    deadline = time.monotonic() + timeout
+    while w.alive:
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"worker {worker_id} did not stop in {timeout} s")
+      time.sleep(0.001)
+    while not hasattr(w, "rerouted"):
+      time.sleep(0.001)
+    return w.rerouted
 
   def _worker_died(self, worker, why: str) -> int:
     worker.alive = False

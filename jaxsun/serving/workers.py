@@ -53,6 +53,7 @@ class Job:
   emitted: int = 0
   attempt: int = 0
   produced: int = 0  # tokens produced by the current attempt
+  cancelled: bool = False
 
   @property
   def stops(self) -> set[int]:
@@ -175,6 +176,9 @@ class PrefillWorker:
       job = self.inbox.popleft()
       self.busy += 1
     try:
+      if job.cancelled:
+        self.sink.on_finished(job, "abort", time.monotonic())
+        return True
       prefix = self.prefill(job)
       self.sink.on_prefilled(job, prefix, self)
     except Exception as e:  # noqa: BLE001 - reported to the request, the worker lives on
@@ -280,6 +284,9 @@ class DecodeWorker:
         if not self.inbox:
           return
         job, payload = self.inbox.popleft()
+      if job.cancelled:
+        self.sink.on_finished(job, "abort", time.monotonic())
+        continue
       try:
         prefix = self._prefix_for(job, payload)
         if prefix is None:  # finished at prefill
@@ -307,6 +314,11 @@ class DecodeWorker:
     for slot, job in jobs.items():
       if self.slot_jobs.get(slot) is not job:
         continue  # re-routed meanwhile
+      if job.cancelled:
+        self.state = self.engine.free(self.state, slot)
+        del self.slot_jobs[slot], self.slot_len[slot]
+        self.sink.on_finished(job, "abort", now)
+        continue
       for t in tokens[slot]:
         if t < 0:
           continue
