@@ -67,6 +67,7 @@ accelerator hosts). RaySystem calls `ray.shutdown()` only if it called `ray.init
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -198,6 +199,7 @@ class _JobSpec:
   eos_id: int | None
   attempt: int
   produced: int
+  cancelled: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -217,16 +219,33 @@ class _Outbox:
     self.cv = threading.Condition()
     self.buffer: list[tuple] = []
     self.ready: list[tuple] = []
+    self.live: dict[str, _ActorJob] = {}  # jobs this actor holds, by request id
+    # Cancels that arrived before their job (a threaded actor may run them out of order).
+    self.early_cancels: collections.OrderedDict = collections.OrderedDict()
 
-  @staticmethod
-  def job(spec: _JobSpec) -> _ActorJob:
+  def job(self, spec: _JobSpec) -> _ActorJob:
     req = spec.request
     record = RequestRecord(request_id=req.request_id, model=req.model,
                            prompt_len=len(req.prompt), arrival=req.arrival_time)
     job = _ActorJob(request=req, record=record, eos_id=spec.eos_id, attempt=spec.attempt,
-                    produced=spec.produced)
+                    produced=spec.produced, cancelled=spec.cancelled)
     job.sent = _snapshot(record)
+    with self.cv:
+      if self.early_cancels.pop((req.request_id, spec.attempt), False):
+        job.cancelled = True
+      self.live[req.request_id] = job
     return job
+
+  def cancel(self, request_id: str, attempt: int) -> None:
+    """Marks a job cancelled; its worker ends it with "abort" at its next look."""
+    with self.cv:
+      job = self.live.get(request_id)
+      if job is not None and job.attempt == attempt:
+        job.cancelled = True
+        return
+      self.early_cancels[(request_id, attempt)] = True
+      while len(self.early_cancels) > 1024:  # cancels of jobs that never come: bounded
+        self.early_cancels.popitem(last=False)
 
   @staticmethod
   def _changes(job: _ActorJob) -> dict:
@@ -242,8 +261,11 @@ class _Outbox:
     return diff
 
   def _emit(self, kind: str, job: _ActorJob, *args) -> None:
+    rid = job.request.request_id
     with self.cv:
-      self.buffer.append((kind, job.request.request_id, job.attempt, self._changes(job), args))
+      self.buffer.append((kind, rid, job.attempt, self._changes(job), args))
+      if kind != "token" and self.live.get(rid) is job:  # the job leaves this actor
+        del self.live[rid]
 
   # -- Sink
 
@@ -371,6 +393,11 @@ class _WorkerHost:
   def prefix_match(self, request: Request) -> int:
     return self.worker.prefix_match(request) if self.spec.pool != "decode" else 0
 
+  def cancel(self, request_id: str, attempt: int) -> None:
+    self.outbox.cancel(request_id, attempt)
+    with self.worker.cv:  # an idle loop looks again now
+      self.worker.cv.notify_all()
+
   def poll(self, timeout: float) -> dict:
     """Events since the last poll (waits up to `timeout` for some), load and stats."""
     events = self.outbox.take(timeout)
@@ -468,11 +495,20 @@ class _ActorProxy:
         if n - min(self.reported.running or 0, n) >= self.max_queue:
           return False
       self.assigned[rid] = job
-    spec = _JobSpec(job.request, job.eos_id, job.attempt, job.produced)
+    spec = _JobSpec(job.request, job.eos_id, job.attempt, job.produced, job.cancelled)
     if self.pool == "prefill":
       self.actor.submit.remote(spec)
     else:
       self.actor.submit.remote(spec, payload)
+    return True
+
+  def cancel(self, rid: str) -> bool:
+    """Forwards a cancel to the actor if it holds the request; whether it did."""
+    with self.cv:
+      job = self.assigned.get(rid)
+      if job is None or not self.alive:
+        return False
+    self.actor.cancel.remote(rid, job.attempt)
     return True
 
   def prefix_match(self, request: Request) -> int:
@@ -585,6 +621,22 @@ class RaySystem(ServingSystem):
 
   def step(self) -> bool:
     raise NotImplementedError("RaySystem's workers run their own loops in their actors")
+
+  def submit(self, request: Request):
+    """Admits a request (see ServingSystem.submit); its handle's `cancel` reaches the
+    actor that holds it."""
+    handle = super().submit(request)
+    mark = handle._on_cancel  # flags the driver's job: later hand-overs carry the flag
+
+    def cancel():
+      if mark is not None:
+        mark()
+      for p in self._proxies:
+        if p.cancel(request.request_id):
+          return
+
+    handle._on_cancel = cancel
+    return handle
 
   def _poll_loop(self) -> None:
     pending: dict[ray.ObjectRef, _ActorProxy] = {}
