@@ -5,9 +5,10 @@
 
 The prefill tree builds the KV cache from the prompts; the decode tree extends it one
 token per step. Decoding runs on device in chunks of up to `DECODE_CHUNK` steps
-(`decode_chunk`, a `lax.fori_loop`): the host syncs once per chunk, not once per token,
-and the loop on device stops early once every row has emitted `eos_id`. `prefill`,
-`decode_step` and `decode_chunk` are jitted once per (model, shapes, sampling) and reused.
+(`decode_slots`, a `lax.while_loop` over a slotted `DecodeState`, the same step the
+serving engine runs): the host syncs once per chunk, one chunk behind, and the loop on
+device stops early once every row has emitted `eos_id`. `prefill`,
+`decode_step` and `decode_slots` are jitted once per (model, shapes) and reused.
 """
 
 from __future__ import annotations
@@ -100,47 +101,136 @@ prefill = jax.jit(_prefill, donate_argnames="cache")
 decode_step = jax.jit(_decode_step, static_argnames="sampling", donate_argnames="cache")
 _sample = jax.jit(sample_logits, static_argnames="sampling")
 
-DECODE_CHUNK = 16  # at most this many decode steps per device call
+DECODE_CHUNK = 16  # decode steps per device call
 
 
-def _decode_chunk(split: SplitModel, tok: jax.Array, done: jax.Array,
-                  cache: kv_cache.KVCache, key: jax.Array | None, first_step: jax.Array,
-                  n_steps: jax.Array, *, size: int, sampling: SamplingConfig,
-                  eos_id: int | None, pad_id: int):
-  """Up to `n_steps` (<= `size`) decode steps on device, stopping early once every row
-  is done. Returns (i32[B, size] tokens, pad after the steps run; last token; done; cache).
+MAX_STOP_IDS = 4  # stop tokens per row kept on device (EOS included)
 
-  Step j feeds `tok` (pad for finished rows), draws with `fold_in(key, first_step + j)`
-  and marks rows that emitted `eos_id` as done; finished rows emit `pad_id`. `n_steps`
-  is a traced value, so one compilation serves every chunk length.
+
+def bucket(n: int, cap: int, minimum: int = 16) -> int:
+  """The next power of two >= max(n, minimum), at most `cap` (bounds compiled shapes)."""
+  return min(cap, 1 << max(0, int(max(n, minimum) - 1).bit_length()))
+
+
+@struct.dataclass
+class DecodeState:
+  """The slotted decode store: `slots` rows, each one request's KV and sampling state."""
+
+  cache: kv_cache.KVCache  # [slots, capacity, Hkv, hd] per layer; lengths i32[slots]
+  tokens: jax.Array  # i32[slots] next input token of each row
+  active: jax.Array  # bool[slots] rows still generating
+  remaining: jax.Array  # i32[slots] output tokens still allowed
+  step: jax.Array  # i32[slots] index of the next output token (its sampling key)
+  keys: jax.Array  # u32[slots, 2] per-request PRNG key data
+  temperature: jax.Array  # f32[slots] (0: greedy)
+  top_p: jax.Array  # f32[slots]
+  top_k: jax.Array  # i32[slots] (0: off)
+  stop_ids: jax.Array  # i32[slots, MAX_STOP_IDS] (-1: unused)
+
+  @property
+  def slots(self) -> int:
+    return self.tokens.shape[0]
+
+
+@struct.dataclass
+class Chunk:
+  """What one `generate` call produced (device arrays; read them one chunk later).
+
+  tokens: i32[slots, size]: the token each row emitted at each step, -1 where the row
+    emitted nothing (inactive or finished).
+  any_active: bool[]: whether any row is still generating after the chunk.
   """
-  b = tok.shape[0]
+
+  tokens: jax.Array
+  any_active: jax.Array
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
+                top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+  """Per-row sampling: f32[B, V] -> i32[B]. Greedy rows (temperature 0) take the argmax;
+  the others sample with `fold_in(key_b, step_b)` after top-k and top-p filtering, so a
+  request draws the same tokens whatever batch or slot it runs in."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sampled():
+    v = logits.shape[-1]
+    lg = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
+    desc = jnp.sort(lg, axis=-1)[:, ::-1]
+    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, v - 1)[:, None], axis=1)
+    lg = jnp.where((top_k[:, None] > 0) & (lg < kth), -jnp.inf, lg)
+    desc = jnp.where((top_k[:, None] > 0) & (desc < kth), -jnp.inf, desc)
+    probs = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)
+    thresh = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
+    lg = jnp.where(lg < thresh, -jnp.inf, lg)
+    row_keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(
+        keys, step)
+    draw = jax.vmap(lambda k, l: jax.random.categorical(k, l))(row_keys, lg).astype(jnp.int32)
+    return jnp.where(temperature > 0, draw, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+
+
+def _slice_kv(cache: kv_cache.KVCache, kv_len: int) -> kv_cache.KVCache:
+  return cache.replace(layers=tuple(
+      l.replace(k=l.k[:, :kv_len], v=l.v[:, :kv_len]) for l in cache.layers))
+
+
+def _unslice_kv(full: kv_cache.KVCache, part: kv_cache.KVCache) -> kv_cache.KVCache:
+  return part.replace(layers=tuple(
+      f.replace(k=jax.lax.dynamic_update_slice_in_dim(f.k, p.k, 0, axis=1),
+                v=jax.lax.dynamic_update_slice_in_dim(f.v, p.v, 0, axis=1), state=p.state)
+      for f, p in zip(full.layers, part.layers)))
+
+
+def _decode_slots(split: SplitModel, ds: DecodeState, n_steps: jax.Array, *, size: int,
+                  kv_len: int, pad_id: int) -> tuple[DecodeState, Chunk]:
+  """Up to `n_steps` (<= size) decode steps for every active row, in one `while_loop`.
+
+  Each step feeds each active row's token to the decode tree, samples per row
+  (`sample_rows`), and retires rows that emitted a stop id or spent their budget; the
+  loop ends early when no row is active. Attention reads only the first `kv_len` slots
+  of the store (a bucket covering every live row; the caller guarantees it). `n_steps`
+  is traced: one compilation serves every chunk length.
+  """
+  dec = split.decode_module()
+  slots = ds.tokens.shape[0]
 
   def cond(carry):
-    j, _, done, _, _ = carry
-    go = j < n_steps
-    return go if eos_id is None else go & ~jnp.all(done)
+    j, ds, _, cache = carry
+    return (j < n_steps) & jnp.any(ds.active)
 
   def body(carry):
-    j, tok, done, cache, out = carry
-    step_key = None if key is None else jax.random.fold_in(key, first_step + j)
-    nxt, _, cache = _decode_step(split, jnp.where(done, pad_id, tok), cache, step_key,
-                                 sampling)
-    nxt = jnp.where(done, pad_id, nxt)
-    if eos_id is not None:
-      done = done | (nxt == eos_id)
-    return j + 1, nxt, done, cache, jax.lax.dynamic_update_slice_in_dim(
-        out, nxt[:, None], j, axis=1)
+    j, ds, out, cache = carry
+    active = ds.active
+    lengths = cache.lengths
+    # Finished rows stay put: no position advance, no KV write inside their valid part.
+    pos = jnp.where(active, lengths, jnp.minimum(lengths, kv_len - 1))
+    new_len = jnp.where(active, lengths + 1, lengths)
+    tok = jnp.where(active, ds.tokens, pad_id)
+    h, cache = dec.hidden(tok[:, None], mode=Mode.DECODE, positions=pos[:, None],
+                          cache=cache, new_lengths=new_len)
+    logits = dec.logits(h[:, 0])
+    nxt = sample_rows(logits, ds.keys, ds.step, ds.temperature, ds.top_p, ds.top_k)
+    remaining = ds.remaining - active.astype(jnp.int32)
+    stop = jnp.any(nxt[:, None] == ds.stop_ids, axis=1) | (remaining <= 0)
+    out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(active, nxt, -1)[:, None], j,
+                                              axis=1)
+    ds = ds.replace(tokens=jnp.where(active, nxt, ds.tokens), active=active & ~stop,
+                    remaining=remaining, step=ds.step + active.astype(jnp.int32))
+    return j + 1, ds, out, cache
 
-  out = jnp.full((b, size), pad_id, jnp.int32)
-  _, tok, done, cache, out = jax.lax.while_loop(
-      cond, body, (jnp.zeros((), jnp.int32), tok, done, cache, out))
-  return out, tok, done, cache
+  out = jnp.full((slots, size), -1, jnp.int32)
+  small = _slice_kv(ds.cache, kv_len)
+  _, ds2, out, small = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), ds, out,
+                                                       small))
+  return (ds2.replace(cache=_unslice_kv(ds.cache, small)),
+          Chunk(tokens=out, any_active=jnp.any(ds2.active)))
 
 
-decode_chunk = jax.jit(_decode_chunk,
-                       static_argnames=("size", "sampling", "eos_id", "pad_id"),
-                       donate_argnames="cache")
+decode_slots = jax.jit(_decode_slots, static_argnames=("size", "kv_len", "pad_id"),
+                       donate_argnames="ds")
 
 
 @struct.dataclass
@@ -230,28 +320,66 @@ def generate(split: SplitModel, prompts, prompt_lengths=None, *, max_new_tokens:
                      key=key, eos_id=eos_id, pad_id=pad_id)
 
 
+def row_keys(key: jax.Array | None, b: int) -> jax.Array:
+  """Per-row PRNG key data (u32[B, 2]): row r draws from `fold_in(key, r)`."""
+  if key is None:
+    return jnp.zeros((b, 2), jnp.uint32)
+  return jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(key, r)))(
+      jnp.arange(b)).astype(jnp.uint32)
+
+
+def slot_state(tok: jax.Array, cache: kv_cache.KVCache, *, steps: int,
+               sampling: SamplingConfig, key: jax.Array | None,
+               eos_id: int | None) -> DecodeState:
+  """A `DecodeState` for a batch whose first output token `tok` (i32[B]) is known: every
+  row may take `steps` more decode steps (rows whose first token is EOS are done)."""
+  b = tok.shape[0]
+  first_done = jnp.zeros((b,), bool) if eos_id is None else tok == eos_id
+  return DecodeState(
+      cache=cache, tokens=jnp.array(tok, jnp.int32, copy=True),  # the state is donated
+      active=~first_done & (steps > 0), remaining=jnp.full((b,), steps, jnp.int32),
+      step=jnp.ones((b,), jnp.int32), keys=row_keys(key, b),
+      temperature=jnp.full((b,), sampling.temperature, jnp.float32),
+      top_p=jnp.full((b,), sampling.top_p, jnp.float32),
+      top_k=jnp.full((b,), sampling.top_k, jnp.int32),
+      stop_ids=jnp.full((b, MAX_STOP_IDS), -1, jnp.int32).at[:, 0].set(
+          -1 if eos_id is None else eos_id))
+
+
 def decode_loop(split: SplitModel, tok: jax.Array, cache: kv_cache.KVCache, *,
                 max_new_tokens: int, sampling: SamplingConfig, key: jax.Array | None,
                 eos_id: int | None, pad_id: int) -> GenerateOutput:
   """Decode steps from a first output token `tok` (i32[B]) and the cache after it.
 
-  Step i draws with `fold_in(key, i)`; rows stop after `eos_id` and are filled with
-  `pad_id`. `generate` and the shared-module paths (`jaxsun.shared_inference`) end here.
+  The serving engine's path (`decode_slots` over a `DecodeState`): chunks of up to
+  `DECODE_CHUNK` steps on device, the next chunk dispatched before the previous one is
+  read (the stop check runs one chunk behind), attention over a length bucket. Row r's
+  step i draws with `fold_in(fold_in(key, r), i)`; rows stop after `eos_id` and are
+  filled with `pad_id`. `generate` and the shared-module paths (`jaxsun.shared_inference`)
+  end here.
   """
   b = tok.shape[0]
-  out = [tok[:, None]]
-  done = jnp.zeros((b,), bool) if eos_id is None else tok == eos_id
-  step, remaining = 1, max_new_tokens - 1
-  while remaining > 0:
-    if eos_id is not None and bool(jnp.all(done)):  # one host sync per chunk
+  steps = max_new_tokens - 1
+  capacity = cache.max_len
+  ds = slot_state(tok, cache, steps=steps, sampling=sampling, key=key, eos_id=eos_id)
+  chunks = []
+  live = int(np.max(np.asarray(cache.lengths))) if steps > 0 else 0
+  flags = [jnp.any(ds.active)]  # "any row still active" after each chunk, on device
+  done_steps = 0
+  while done_steps < steps:
+    # The stop check reads the flag of the chunk before the one in flight (one behind);
+    # only the first check waits, on the state the prefill left.
+    if eos_id is not None and not bool(flags[-1] if len(flags) == 1 else flags[-2]):
       break
-    n = min(remaining, DECODE_CHUNK)
-    chunk, tok, done, cache = decode_chunk(
-        split, tok, done, cache, key, jnp.asarray(step, jnp.int32), jnp.asarray(n, jnp.int32),
-        size=DECODE_CHUNK, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
-    out.append(chunk[:, :n])
-    step, remaining = step + n, remaining - n
-  tokens = jnp.concatenate(out, axis=1)
+    n = min(DECODE_CHUNK, steps - done_steps)
+    kv_len = bucket(live + done_steps + DECODE_CHUNK, capacity)
+    ds, chunk = decode_slots(split, ds, jnp.asarray(n, jnp.int32), size=DECODE_CHUNK,
+                             kv_len=kv_len, pad_id=pad_id)
+    chunks.append(chunk.tokens[:, :n])
+    flags.append(chunk.any_active)
+    done_steps += n
+  tokens = jnp.concatenate([tok[:, None]] + chunks, axis=1)
+  tokens = jnp.where(tokens < 0, pad_id, tokens)
   tokens = jnp.pad(tokens, ((0, 0), (0, max_new_tokens - tokens.shape[1])),
                    constant_values=pad_id)
   if eos_id is None:

@@ -65,7 +65,7 @@ def test_all_rows_finished_stops_early(model, cfg, monkeypatch):
   prompts = random_tokens(3, (1, 4), cfg.vocab_size)
   first = int(jaxsun.generate(split, prompts, max_new_tokens=1).tokens[0, 0])
   calls = []
-  for name in ("decode_step", "decode_chunk"):
+  for name in ("decode_step", "decode_slots"):
     real = getattr(gen, name)
     monkeypatch.setattr(gen, name, lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
   out = jaxsun.generate(split, prompts, max_new_tokens=20, eos_id=first)
@@ -82,11 +82,10 @@ def test_list_prompts_are_padded(model, cfg):
 
 def test_decode_chunk_is_traced_once(model, cfg, monkeypatch):
   # 24 new tokens: the first from prefill, then on-device chunks of 16 and 7 steps, one
-  # compiled function (the chunk length is a traced value).
-  counted = chex.assert_max_traces(gen._decode_chunk, n=1)
-  monkeypatch.setattr(gen, "decode_chunk", jax.jit(
-      counted, static_argnames=("size", "sampling", "eos_id", "pad_id"),
-      donate_argnames="cache"))
+  # compiled function (the chunk length is a traced value; the KV bucket is the same).
+  counted = chex.assert_max_traces(gen._decode_slots, n=1)
+  monkeypatch.setattr(gen, "decode_slots", jax.jit(
+      counted, static_argnames=("size", "kv_len", "pad_id"), donate_argnames="ds"))
   split = untied_split(model)
   prompts = random_tokens(4, (2, 5), cfg.vocab_size)
   key = jax.random.key(0)

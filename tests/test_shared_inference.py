@@ -70,12 +70,12 @@ def test_the_decode_step_is_one_compiled_function_for_every_mix(base):
   models = sun_models(base)
   prompts = prompts_of(6, seed=2)
   si.sun_generate(models, prompts, model_ids=[0] * 6, max_new_tokens=5)
-  compiled = (generation.decode_step._cache_size(), generation.decode_chunk._cache_size())
+  compiled = (generation.decode_step._cache_size(), generation.decode_slots._cache_size())
   for ids in ([0, 1, 2, 0, 1, 2], [2, 2, 2, 2, 2, 1], [1, 0, 0, 0, 0, 0]):
     si.sun_generate(models, prompts, model_ids=ids, max_new_tokens=5)
     # no retrace per mix: the same decode steps (on-device chunks) serve every mix
     assert (generation.decode_step._cache_size(),
-            generation.decode_chunk._cache_size()) == compiled
+            generation.decode_slots._cache_size()) == compiled
 
 
 def test_sampling_and_eos_follow_generate(base):

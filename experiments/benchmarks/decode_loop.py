@@ -6,10 +6,10 @@
 Three ways to run the same greedy decode steps from the same prefilled cache:
   * `host_loop`: one jitted `decode_step` per token with a host sync per token (what
     `generate` did before on-device chunks);
-  * `generate_chunks`: `jaxsun.generation.decode_loop`, the path `generate` and the
-    shared-module paths use (chunks of up to `DECODE_CHUNK` steps in a `lax.while_loop`,
-    one host sync per chunk);
-  * `on_device`: all steps in one `decode_chunk` call (no host sync at all), the bound.
+  * `generate_chunks`: `jaxsun.generation.decode_loop`, the path `generate`, the
+    shared-module paths and the serving engine use (chunks of up to `DECODE_CHUNK` steps
+    in a `lax.while_loop`, the next chunk dispatched before the previous one is read);
+  * `on_device`: all steps in one `decode_slots` call (no host sync at all), the bound.
 Writes JSON + markdown with tokens/s and the ratios to `on_device`, measured in one run.
 Imports jax and jaxsun's model only (runs on the GPU machines).
 """
@@ -70,10 +70,11 @@ def run(model: dict, *, batch: int, prompt_len: int, new_tokens: int, trials: in
     tok, cache = prefilled()
     jax.block_until_ready(cache)
     t0 = time.perf_counter()
-    out, *_ = generation.decode_chunk(split, tok, jnp.zeros((batch,), bool), cache, None,
-                                      jnp.asarray(1, jnp.int32), jnp.asarray(steps),
-                                      size=steps, sampling=greedy, eos_id=None, pad_id=0)
-    jax.block_until_ready(out)
+    ds = generation.slot_state(tok, cache, steps=steps, sampling=greedy, key=None,
+                               eos_id=None)
+    _, chunk = generation.decode_slots(split, ds, jnp.asarray(steps, jnp.int32), size=steps,
+                                       kv_len=prompt_len + new_tokens, pad_id=0)
+    out = jax.block_until_ready(chunk.tokens)
     return time.perf_counter() - t0, out
 
   results, outputs = {}, {}

@@ -4,9 +4,10 @@
     python -m experiments.benchmarks.serving_decode --tiny     # seconds, for the tests
 
 Same model, same prefilled rows, greedy, every row generating `new_tokens`:
-  * `on_device_loop`: `jaxsun.generation.decode_chunk` for all steps in one call (no host
-    round trip at all; the bound quoted in issue 11);
-  * `engine_on_device`: the engine's own step (`Engine.generate`) for all steps in one call;
+  * `on_device_loop`: `jaxsun.generation.decode_slots` for all steps in one call (no host
+    round trip at all; the bound quoted in issue 11), from `generate`'s own state;
+  * `engine_on_device`: the same through `Engine.generate` on the engine's slotted store
+    (inserted prefixes);
   * `decode_worker`: the real `DecodeWorker` loop: admit, dispatch a chunk of `chunk`
     steps, read the previous chunk while this one runs, emit tokens to a sink, free rows.
 Also reports each decode step's bytes (weights + valid KV read) against the device's
@@ -80,11 +81,11 @@ def run(model: dict, *, slots: int, prompt_len: int, new_tokens: int, chunk: int
     tok = jnp.argmax(logits, -1).astype(jnp.int32)
     jax.block_until_ready(cache)
     t0 = time.perf_counter()
-    out, *_ = generation.decode_chunk(split, tok, jnp.zeros((slots,), bool), cache, None,
-                                      jnp.asarray(1, jnp.int32), jnp.asarray(steps),
-                                      size=steps, sampling=generation.SamplingConfig(),
-                                      eos_id=None, pad_id=0)
-    out = np.asarray(out)
+    ds = generation.slot_state(tok, cache, steps=steps, sampling=generation.SamplingConfig(),
+                               key=None, eos_id=None)
+    _, chunk = generation.decode_slots(split, ds, jnp.asarray(steps, jnp.int32), size=steps,
+                                       kv_len=capacity, pad_id=0)
+    out = np.asarray(chunk.tokens)
     return time.perf_counter() - t0, out
 
   def engine_on_device():

@@ -49,12 +49,14 @@ from flax import struct
 
 from jaxsun import kv_cache
 from jaxsun.config import ModelConfig
+from jaxsun.generation import (MAX_STOP_IDS, Chunk, DecodeState, bucket, decode_slots,
+                               sample_rows)
 from jaxsun.nn.decoder import Mode
 from jaxsun.serving.request import RequestError, SamplingParams
 from jaxsun.split import SplitModel, check_split
 
-MAX_STOP_IDS = 4  # stop tokens per request kept on device (EOS included)
 MIN_BUCKET = 16
+_sample_rows = jax.jit(sample_rows)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -115,11 +117,6 @@ class Params:
 
 
 # ----------------------------------------------------------------------------- prefixes
-
-
-def bucket(n: int, cap: int, minimum: int = MIN_BUCKET) -> int:
-  """The next power of two >= max(n, minimum), at most `cap` (bounds compiled shapes)."""
-  return min(cap, 1 << max(0, int(max(n, minimum) - 1).bit_length()))
 
 
 def _bits_u32(x: jax.Array) -> jax.Array:
@@ -218,120 +215,6 @@ class KVCorrupted(InsertError):
 
 
 # ----------------------------------------------------------------------------- decode state
-
-
-@struct.dataclass
-class DecodeState:
-  """The slotted decode store: `slots` rows, each one request's KV and sampling state."""
-
-  cache: kv_cache.KVCache  # [slots, capacity, Hkv, hd] per layer; lengths i32[slots]
-  tokens: jax.Array  # i32[slots] next input token of each row
-  active: jax.Array  # bool[slots] rows still generating
-  remaining: jax.Array  # i32[slots] output tokens still allowed
-  step: jax.Array  # i32[slots] index of the next output token (its sampling key)
-  keys: jax.Array  # u32[slots, 2] per-request PRNG key data
-  temperature: jax.Array  # f32[slots] (0: greedy)
-  top_p: jax.Array  # f32[slots]
-  top_k: jax.Array  # i32[slots] (0: off)
-  stop_ids: jax.Array  # i32[slots, MAX_STOP_IDS] (-1: unused)
-
-  @property
-  def slots(self) -> int:
-    return self.tokens.shape[0]
-
-
-@struct.dataclass
-class Chunk:
-  """What one `generate` call produced (device arrays; read them one chunk later).
-
-  tokens: i32[slots, size]: the token each row emitted at each step, -1 where the row
-    emitted nothing (inactive or finished).
-  """
-
-  tokens: jax.Array
-
-
-def sample_rows(logits: jax.Array, keys: jax.Array, step: jax.Array, temperature: jax.Array,
-                top_p: jax.Array, top_k: jax.Array) -> jax.Array:
-  """Per-row sampling: f32[B, V] -> i32[B]. Greedy rows (temperature 0) take the argmax;
-  the others sample with `fold_in(key_b, step_b)` after top-k and top-p filtering, so a
-  request draws the same tokens whatever batch or slot it runs in."""
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-  def sampled():
-    v = logits.shape[-1]
-    lg = logits.astype(jnp.float32) / jnp.maximum(temperature, 1e-6)[:, None]
-    desc = jnp.sort(lg, axis=-1)[:, ::-1]
-    kth = jnp.take_along_axis(desc, jnp.clip(top_k - 1, 0, v - 1)[:, None], axis=1)
-    lg = jnp.where((top_k[:, None] > 0) & (lg < kth), -jnp.inf, lg)
-    desc = jnp.where((top_k[:, None] > 0) & (desc < kth), -jnp.inf, desc)
-    probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    thresh = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)
-    lg = jnp.where(lg < thresh, -jnp.inf, lg)
-    row_keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(
-        keys, step)
-    draw = jax.vmap(lambda k, l: jax.random.categorical(k, l))(row_keys, lg).astype(jnp.int32)
-    return jnp.where(temperature > 0, draw, greedy)
-
-  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
-
-
-_sample_rows = jax.jit(sample_rows)
-
-
-def _slice_kv(cache: kv_cache.KVCache, kv_len: int) -> kv_cache.KVCache:
-  return cache.replace(layers=tuple(
-      l.replace(k=l.k[:, :kv_len], v=l.v[:, :kv_len]) for l in cache.layers))
-
-
-def _unslice_kv(full: kv_cache.KVCache, part: kv_cache.KVCache) -> kv_cache.KVCache:
-  return part.replace(layers=tuple(
-      f.replace(k=jax.lax.dynamic_update_slice_in_dim(f.k, p.k, 0, axis=1),
-                v=jax.lax.dynamic_update_slice_in_dim(f.v, p.v, 0, axis=1), state=p.state)
-      for f, p in zip(full.layers, part.layers)))
-
-
-def _generate(split: SplitModel, ds: DecodeState, n_steps: jax.Array, *, size: int,
-              kv_len: int, pad_id: int):
-  """Up to `n_steps` (<= size) decode steps for every active row, on device."""
-  dec = split.decode_module()
-  slots = ds.tokens.shape[0]
-
-  def cond(carry):
-    j, ds, _, cache = carry
-    return (j < n_steps) & jnp.any(ds.active)
-
-  def body(carry):
-    j, ds, out, cache = carry
-    active = ds.active
-    lengths = cache.lengths
-    # Finished rows stay put: no position advance, no KV write inside their valid part.
-    pos = jnp.where(active, lengths, jnp.minimum(lengths, kv_len - 1))
-    new_len = jnp.where(active, lengths + 1, lengths)
-    tok = jnp.where(active, ds.tokens, pad_id)
-    h, cache = dec.hidden(tok[:, None], mode=Mode.DECODE, positions=pos[:, None],
-                          cache=cache, new_lengths=new_len)
-    logits = dec.logits(h[:, 0])
-    nxt = sample_rows(logits, ds.keys, ds.step, ds.temperature, ds.top_p, ds.top_k)
-    remaining = ds.remaining - active.astype(jnp.int32)
-    stop = jnp.any(nxt[:, None] == ds.stop_ids, axis=1) | (remaining <= 0)
-    out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(active, nxt, -1)[:, None], j,
-                                              axis=1)
-    ds = ds.replace(tokens=jnp.where(active, nxt, ds.tokens), active=active & ~stop,
-                    remaining=remaining, step=ds.step + active.astype(jnp.int32))
-    return j + 1, ds, out, cache
-
-  out = jnp.full((slots, size), -1, jnp.int32)
-  small = _slice_kv(ds.cache, kv_len)
-  _, ds2, out, small = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), ds, out,
-                                                       small))
-  return ds2.replace(cache=_unslice_kv(ds.cache, small)), Chunk(tokens=out)
-
-
-_generate_jit = jax.jit(_generate, static_argnames=("size", "kv_len", "pad_id"),
-                        donate_argnames="ds")
 
 
 @functools.partial(jax.jit, donate_argnames="ds")
@@ -589,9 +472,9 @@ class Engine:
     """
     self._check_params(params, "params")
     n = self.chunk if n_steps is None else n_steps
-    return _generate_jit(params.split, decode_state, jnp.asarray(n, jnp.int32),
-                         size=self.chunk, kv_len=self.kv_len_for(max_live_length),
-                         pad_id=self.pad_id)
+    return decode_slots(params.split, decode_state, jnp.asarray(n, jnp.int32),
+                        size=self.chunk, kv_len=self.kv_len_for(max_live_length),
+                        pad_id=self.pad_id)
 
   def free(self, decode_state: DecodeState, slot: int) -> DecodeState:
     """Releases row `slot` (its KV is overwritten by the next insert)."""

@@ -42,6 +42,7 @@ class PrefixCache:
     self._lengths: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     self._lock = threading.Lock()
     self.bytes = 0
+    self._tokens = 0
     self.hits = self.misses = self.evictions = 0
     self.hit_tokens = self.lookup_tokens = 0
 
@@ -50,8 +51,9 @@ class PrefixCache:
 
   @property
   def tokens(self) -> int:
-    """Cached tokens in all (a load signal for routers)."""
-    return sum(p.length for p in self._entries.values())
+    """Cached tokens in all (a load signal for routers; kept as a running count, so
+    reading it from another thread never walks the entries while they change)."""
+    return self._tokens
 
   def _boundaries(self, n: int, tree_id: str | None = None):
     ends = {n, *range(self.block, n + 1, self.block)}
@@ -72,6 +74,7 @@ class PrefixCache:
       entry = prefix if prefix.next_token is None else prefix.truncated(prefix.length)
       self._entries[key] = entry
       self.bytes += entry.nbytes
+      self._tokens += entry.length
       for k in self._boundaries(entry.length):
         self._index[(entry.producer, hash(entry.tokens[:k]))].add(key)
       self._lengths[entry.producer][entry.length] += 1
@@ -81,6 +84,7 @@ class PrefixCache:
   def _evict_oldest(self) -> None:
     key, entry = self._entries.popitem(last=False)
     self.bytes -= entry.nbytes
+    self._tokens -= entry.length
     self.evictions += 1
     lengths = self._lengths[entry.producer]
     lengths[entry.length] -= 1

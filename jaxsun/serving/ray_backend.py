@@ -52,17 +52,24 @@ Design:
   re-routes every job assigned to it through `on_retry` (recomputed from the prompt on
   live workers); tokens the client already has are checked, not resent (`on_token`).
   `kill_worker` is `ray.kill` and waits for the poller to notice.
+* Cancel. `handle.cancel()` flags the driver's job (later hand-overs carry the flag) and
+  sends one `cancel` call to the actor holding it, whose worker ends it with "abort".
 * Clocks. Token times are stamped when the driver applies them (what a client sees);
   prefill start / end come from the actor, shifted by a clock offset measured at start.
 
 Ray calls per request: one `submit` to a prefill actor, one `put` (prefill actor) and
-one `get` (decode actor) of its KV, one `submit` to a decode actor; token, prefill and
-finish events ride on polls shared by every request of an actor (about one reply per
-decode chunk, each ~0.6 ms on one host). Colocated deployments skip the transfer.
+one `get` (decode actor) of its KV, one `submit` to a decode actor (a colocated
+deployment has one `submit` and no transfer); token, prefill and finish events ride on
+polls shared by every request of an actor (about one reply per decode chunk, each
+~0.6 ms on one host); a cache-aware prefill policy adds one `prefix_match` call per
+candidate prefill actor. A retry repeats the lot.
 
-Multi-host: pass `address=` (e.g. "ray://head:10001" or "auto") to join an existing
-cluster; nothing else changes (actors are placed by Ray; give them `num_gpus` on
-accelerator hosts). RaySystem calls `ray.shutdown()` only if it called `ray.init`.
+Multi-host: the same code; pass `address=` ("auto", or "<head>:6379" from a cluster
+node) to join an existing cluster when Ray is not initialised; actors are placed by
+Ray (give them `num_gpus` on accelerator hosts) and KV moves between hosts through the
+object store. The clock offsets then absorb host clock differences to within half a
+round trip. RaySystem calls `ray.shutdown()` only if it called `ray.init` itself (for
+a joined cluster that only disconnects this driver).
 """
 
 from __future__ import annotations
@@ -649,9 +656,14 @@ class RaySystem(ServingSystem):
       if not pending:
         self._stop.wait(0.05)
         continue
-      ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
-      if ready:  # take every reply that is in, in one sweep
-        ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+      try:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
+        if ready:  # take every reply that is in, in one sweep
+          ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+      except Exception:  # noqa: BLE001 - e.g. Ray going down under us: keep trying
+        log.exception("ray.wait failed")
+        self._stop.wait(0.5)
+        continue
       for ref in ready:
         p = pending.pop(ref)
         polled.discard(p.worker_id)

@@ -344,6 +344,8 @@ class ServingSystem:
 
   def on_token(self, job: Job, token: int, index: int, now: float) -> None:
     rec = job.record
+    if self.inflight.get(job.request.request_id) is not job:
+      return  # failed or finished meanwhile: a worker still generating for it is ignored
     if index < job.emitted:  # a retry regenerating what the client already has
       if rec.output_tokens[index] != token:
         self._fail(job, RequestFailed(f"retry of {job.request.request_id} diverged at token "
