@@ -69,3 +69,15 @@ def test_import_and_evaluate_notebook_executes(tmp_path, monkeypatch):
   assert "decode tree unchanged: True" in text
   assert "held-out perplexity" in text
   assert "export -> import is bitwise equal: True" in text
+
+
+def test_serving_notebook_executes(tmp_path, monkeypatch):
+  nb = execute("serving.ipynb", tmp_path, monkeypatch, timeout=600)
+  text = "\n".join(out.get("text", "") for out in outputs(nb)
+                   if out.get("output_type") == "stream")
+  assert text.count("streamed == jaxsun.generate: True") == 2
+  assert "streamed == jaxsun.generate: False" not in text
+  assert "'completed': 16, 'failed': 0, 'rejected': 0" in text
+  assert "decode workers used: ['decode-shared-0']" in text  # one pool for both models
+  assert "conventional decode workers: ['decode-code-0', 'decode-math-0']" in text
+  assert any("image/png" in out.get("data", {}) for out in outputs(nb))  # the CDF plot
