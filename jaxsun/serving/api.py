@@ -416,19 +416,44 @@ class _Metrics:
         ["endpoint"], registry=self.registry)
 
 
+_GENERATION = ("/v1/completions", "/v1/chat/completions")
+KEEP_ALIVE_S = 65
+
+
 class _MetricsMiddleware:
   """Counts every HTTP request by endpoint and status, and times it to its last byte
-  (a plain ASGI middleware, so streams are timed to their end and are not buffered)."""
+  (a plain ASGI middleware, so streams are timed to their end and are not buffered).
 
-  def __init__(self, app, metrics: _Metrics):
+  It also refuses generation requests early when the backend says it is full
+  (`backend.admission()`, if it has one): under overload a 429 must cost less than the
+  request it refuses, so it is sent before the body is read or validated.
+  """
+
+  def __init__(self, app, metrics: _Metrics, backend=None):
     self.app = app
     self.metrics = metrics
+    self.admission = getattr(backend, "admission", None)
+
+  async def _refuse(self, exc: Overloaded, send) -> None:
+    status, body, headers = _serving_error_json(exc)
+    raw = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+        + [(k.lower().encode(), v.encode()) for k, v in headers.items()]})
+    await send({"type": "http.response.body", "body": raw})
 
   async def __call__(self, scope, receive, send):
     if scope["type"] != "http":
       await self.app(scope, receive, send)
       return
     endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+    if (self.admission is not None and scope["method"] == "POST"
+        and scope["path"] in _GENERATION):
+      refused = self.admission()
+      if refused is not None:
+        await self._refuse(refused, send)
+        self.metrics.requests.labels(endpoint, str(refused.status)).inc()
+        return
     status = 500  # unless a response starts
     start = time.perf_counter()
 
@@ -484,7 +509,7 @@ def create_app(backend: Backend, *,
   app.state.draining = False
   metrics = _Metrics()
   app.state.metrics = metrics
-  app.add_middleware(_MetricsMiddleware, metrics=metrics)
+  app.add_middleware(_MetricsMiddleware, metrics=metrics, backend=backend)
   created = int(time.time())
   known: dict[str, dict[str, ModelInfo]] = {"by_id": {}}  # replaced whole, never mutated
   tokenizers: dict[str, Any] = {}
@@ -775,8 +800,10 @@ def serve(backend: Backend, host: str = "127.0.0.1", port: int = 0,
     A ServerHandle, listening when this returns.
   """
   app = create_app(backend, **app_kwargs)
+  # A long keep-alive: a loop lagging under load must not expire a connection that
+  # already holds an unread request (the client would see it reset).
   config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                          access_log=False)
+                          access_log=False, timeout_keep_alive=KEEP_ALIVE_S)
   server = uvicorn.Server(config)
   sock = _bind(host, port)  # bound here, so the real port is known and errors raise here
   port = sock.getsockname()[1]
@@ -801,7 +828,7 @@ def run(backend: Backend, host: str = "127.0.0.1", port: int = 8000,
   """
   app = create_app(backend, **app_kwargs)
   config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
-                          timeout_graceful_shutdown=(None if drain_timeout is None
+                          timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=(None if drain_timeout is None
                                                      else max(int(drain_timeout), 1)))
   try:
     uvicorn.Server(config).run()

@@ -51,22 +51,26 @@ import collections
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import sys
 import threading
 import time
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from jaxsun.serving import metrics
 from jaxsun.serving.backend import Backend
 from jaxsun.serving.request import RequestRecord, ServingError
 from jaxsun.serving.workload import LengthDist, WorkloadItem, WorkloadSpec, make_workload
 
+logger = logging.getLogger(__name__)
+
 TIMEOUT_STATUS = 504  # the client gave up waiting (`timeout_s`)
 NO_RESPONSE_STATUS = 0  # no HTTP answer: connection refused / reset, a broken stream
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_MAX_CONNECTIONS = 512  # HTTP: more open requests than this wait for a connection
+KEEPALIVE_EXPIRY_S = 2.0
 
 
 @dataclasses.dataclass
@@ -143,9 +147,8 @@ class BenchResult:
 class _InProcess:
   """Submits to a `Backend` and reads its events on this event loop."""
 
-  def __init__(self, backend: Backend, run_tag: str):
+  def __init__(self, backend: Backend):
     self.backend = backend
-    self.run_tag = run_tag
 
   async def send(self, i: int, item: WorkloadItem, rec: RequestRecord, state: dict) -> None:
     # The backend's submit is admission only (the protocol's contract), so it is called
@@ -190,10 +193,14 @@ def _copy_server_fields(rec: RequestRecord, server: RequestRecord) -> None:
 class _Http:
   """`POST /v1/completions` with `stream: true`, over one httpx.AsyncClient."""
 
-  def __init__(self, url: str, client, tokenizer):
+  def __init__(self, url: str, client, tokenizer, max_connections: int):
     self.url = url
     self.client = client
     self.tokenizer = tokenizer
+    # httpcore's pool scans every connection for every queued request: thousands queued
+    # there make the client quadratic and starve everything else on its cores. So no
+    # request waits inside httpx; they wait here, for a connection of their own.
+    self.gate = asyncio.Semaphore(max_connections)
 
   @staticmethod
   def body(item: WorkloadItem) -> dict[str, Any]:
@@ -217,8 +224,8 @@ class _Http:
     state["chunks"] = chunks
     usage, finish_time, done = None, None, False
     try:
-      async with self.client.stream("POST", self.url + "/v1/completions",
-                                    json=self.body(item)) as resp:
+      async with self.gate, self.client.stream("POST", self.url + "/v1/completions",
+                                               json=self.body(item)) as resp:
         if resp.status_code != 200:
           rec.status, rec.error = resp.status_code, _error_message(await resp.aread())
           return
@@ -316,7 +323,9 @@ def _base_url(url: str) -> str:
 async def arun_workload(target: Backend | str, items: Sequence[WorkloadItem], *,
                         time_scale: float = 1.0, max_concurrency: int | None = None,
                         timeout_s: float = DEFAULT_TIMEOUT_S, tokenizer: Any = None,
-                        max_connections: int = DEFAULT_MAX_CONNECTIONS) -> BenchResult:
+                        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                        on_record: Callable[[int, RequestRecord], None] | None = None
+                        ) -> BenchResult:
   """`run_workload` for code already on an event loop (the same arguments)."""
   items = list(items)
   if not all(isinstance(it, WorkloadItem) for it in items):
@@ -350,13 +359,16 @@ async def arun_workload(target: Backend | str, items: Sequence[WorkloadItem], *,
                                                                   max_concurrency)
       client = await stack.enter_async_context(httpx.AsyncClient(
           timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 30.0)),
-          limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns),
+          # Idle connections expire before the server's keep-alive timeout (uvicorn: 5 s),
+          # so requests are not sent on connections the server is about to close.
+          limits=httpx.Limits(max_connections=conns, max_keepalive_connections=conns,
+                              keepalive_expiry=KEEPALIVE_EXPIRY_S),
           trust_env=False))  # loopback benchmarks must not go through an HTTP proxy
-      sender = _Http(_base_url(target), client, tokenizer)
+      sender = _Http(_base_url(target), client, tokenizer, conns)
     else:
       if not callable(getattr(target, "submit", None)):
         raise TypeError(f"target must be a Backend or a base URL, got {_target_name(target)}")
-      sender = _InProcess(target, run_tag)
+      sender = _InProcess(target)
 
     start = time.monotonic()
 
@@ -392,6 +404,11 @@ async def arun_workload(target: Backend | str, items: Sequence[WorkloadItem], *,
           texts[i] = "".join(t for _, t in state["chunks"])
         records[i] = rec  # the only place a record is stored: once per item
         done[i].set()
+        if on_record is not None:
+          try:
+            on_record(i, rec)
+          except Exception:  # pylint: disable=broad-except
+            logger.exception("on_record(%d, ...) failed", i)  # the run goes on
 
     await asyncio.gather(*(one(i) for i in range(n)))
     duration = time.monotonic() - start
@@ -406,7 +423,9 @@ async def arun_workload(target: Backend | str, items: Sequence[WorkloadItem], *,
 def run_workload(target: Backend | str, items: Sequence[WorkloadItem], *,
                  time_scale: float = 1.0, max_concurrency: int | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, tokenizer: Any = None,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> BenchResult:
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 on_record: Callable[[int, RequestRecord], None] | None = None
+                 ) -> BenchResult:
   """Sends `items` to `target` on their schedule and records every request.
 
   Args:
@@ -420,14 +439,16 @@ def run_workload(target: Backend | str, items: Sequence[WorkloadItem], *,
       and recorded as failed with TIMEOUT_STATUS.
     tokenizer: HTTP only: a tokenizer or its name (e.g. "byte") to count the tokens of
       each text chunk and recover output ids; None counts one token per chunk.
-    max_connections: HTTP only: the client's connection pool size.
+    max_connections: HTTP only: at most this many connections (requests) open at once;
+      more wait for one, and that wait is part of their latency.
+    on_record: called as `on_record(index, record)` when an item ends (e.g. progress).
 
   Returns:
     A BenchResult with one record per item, in item order.
   """
   coro = arun_workload(target, items, time_scale=time_scale, max_concurrency=max_concurrency,
                        timeout_s=timeout_s, tokenizer=tokenizer,
-                       max_connections=max_connections)
+                       max_connections=max_connections, on_record=on_record)
   try:
     asyncio.get_running_loop()
   except RuntimeError:

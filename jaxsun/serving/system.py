@@ -144,7 +144,8 @@ class ServingSystem:
     self.prefill_workers: list[PrefillWorker] = []
     self.decode_workers: list[DecodeWorker] = []
     self._build()
-    self._lock = threading.Lock()
+    self._lock = threading.RLock()
+    self._counter_lock = threading.Lock()
     self.inflight: dict[str, Job] = {}
     self.records: list[RequestRecord] = []
     self.handles: dict[str, RequestHandle] = {}
@@ -275,6 +276,24 @@ class ServingSystem:
     if len(request.sampling.stop_token_ids) > 3:
       raise RequestError("stop_token_ids", "at most 3 stop tokens")
 
+  def admission(self) -> Overloaded | None:
+    """Refuses a request early, before it is read (the HTTP API asks this before it
+    parses a body): the Overloaded to answer with, counted as a rejected request, or
+    None when the system takes requests."""
+    refused = self._refusal()
+    if refused is not None:
+      with self._counter_lock:
+        self.counters["rejected"] += 1
+    return refused
+
+  def _refusal(self) -> Overloaded | None:
+    if self.draining:
+      return Overloaded("server is shutting down", status=503)
+    if len(self.inflight) >= self.config.max_inflight:
+      return Overloaded(f"{len(self.inflight)} requests in flight (max_inflight="
+                        f"{self.config.max_inflight})", status=429)
+    return None
+
   def submit(self, request: Request) -> RequestHandle:
     """Admits a request (RequestError / Overloaded if it cannot be), returns its handle."""
     self.validate(request)
@@ -284,12 +303,9 @@ class ServingSystem:
     job = Job(request=request, record=record, eos_id=self.eos_id)
     handle._on_cancel = lambda: setattr(job, "cancelled", True)
     with self._lock:
-      if self.draining:
-        raise self._reject(record, Overloaded("server is shutting down", status=503))
-      if len(self.inflight) >= self.config.max_inflight:
-        raise self._reject(record, Overloaded(
-            f"{len(self.inflight)} requests in flight (max_inflight="
-            f"{self.config.max_inflight})", status=429))
+      refused = self._refusal()
+      if refused is not None:
+        raise self._reject(record, refused)
       if request.request_id in self.inflight:
         raise RequestError("request_id", f"{request.request_id!r} is already in flight")
       self.inflight[request.request_id] = job
@@ -297,17 +313,20 @@ class ServingSystem:
       self.counters["admitted"] += 1
     try:
       self._dispatch(job)
-    except Overloaded as e:
+    except Exception as e:  # roll the admission back whatever went wrong
       with self._lock:
         self.inflight.pop(request.request_id, None)
         self.handles.pop(request.request_id, None)
         self.counters["admitted"] -= 1
-      raise self._reject(record, e) from None
+      if isinstance(e, Overloaded):
+        raise self._reject(record, e) from None
+      raise
     return handle
 
   def _reject(self, record: RequestRecord, e: Overloaded) -> Overloaded:
     record.error, record.status = e.reason, e.status
-    self.counters["rejected"] += 1
+    with self._counter_lock:
+      self.counters["rejected"] += 1
     self.records.append(record)
     return e
 
@@ -354,7 +373,8 @@ class ServingSystem:
     job.emitted = index + 1
     rec.output_tokens.append(token)
     rec.token_times.append(now)
-    self.counters["tokens"] += 1
+    with self._counter_lock:
+      self.counters["tokens"] += 1
     handle = self.handles.get(job.request.request_id)
     if handle is not None:
       handle._push(TokenEvent(job.request.request_id, token, index, now))
@@ -375,9 +395,10 @@ class ServingSystem:
 
   def on_retry(self, job: Job, why: str) -> None:
     """Recomputes a job from its prompt (corrupt KV, a worker died), or fails it."""
-    self.counters["retries"] += 1
-    if "digest" in why:
-      self.counters["corrupt_kv"] += 1
+    with self._counter_lock:
+      self.counters["retries"] += 1
+      if "digest" in why:
+        self.counters["corrupt_kv"] += 1
     if job.attempt >= self.config.max_retries:
       self._fail(job, RequestFailed(f"request {job.request.request_id} failed after "
                                     f"{job.attempt + 1} attempts: {why}"))
