@@ -107,6 +107,17 @@ DECODE_CHUNK = 16  # decode steps per device call
 MAX_STOP_IDS = 4  # stop tokens per row kept on device (EOS included)
 
 
+def kv_window(max_live_length: int, chunk: int, capacity: int) -> int:
+  """Slots a chunk's attention reads: a power-of-two bucket covering every live row plus
+  the chunk's own tokens, or the whole store when the bucket would not pay for itself.
+
+  Reading a bucket means copying it out of the store and back once per chunk (about 4
+  bucket-sized passes), against `chunk` steps that each skip `capacity - bucket` slots.
+  """
+  b = bucket(max_live_length + chunk, capacity)
+  return b if chunk * (capacity - b) > 4 * b else capacity
+
+
 def bucket(n: int, cap: int, minimum: int = 16) -> int:
   """The next power of two >= max(n, minimum), at most `cap` (bounds compiled shapes)."""
   return min(cap, 1 << max(0, int(max(n, minimum) - 1).bit_length()))
@@ -372,7 +383,7 @@ def decode_loop(split: SplitModel, tok: jax.Array, cache: kv_cache.KVCache, *,
     if eos_id is not None and not bool(flags[-1] if len(flags) == 1 else flags[-2]):
       break
     n = min(DECODE_CHUNK, steps - done_steps)
-    kv_len = bucket(live + done_steps + DECODE_CHUNK, capacity)
+    kv_len = kv_window(live + done_steps, DECODE_CHUNK, capacity)
     ds, chunk = decode_slots(split, ds, jnp.asarray(n, jnp.int32), size=DECODE_CHUNK,
                              kv_len=kv_len, pad_id=pad_id)
     chunks.append(chunk.tokens[:, :n])

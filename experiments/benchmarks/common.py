@@ -46,6 +46,24 @@ def time_per_call(fn, args: tuple, *, reps: int, trials: int) -> float:
   return statistics.median(times)
 
 
+def interleaved_trials(paths: dict, trials: int) -> tuple[dict, dict]:
+  """Times several paths round-robin, so a noisy neighbour hits each of them alike.
+
+  Each path is a function returning (seconds, output); it runs once to compile, then
+  `trials` times, interleaved with the others. Returns ({name: [seconds]}, {name: last
+  output}).
+  """
+  for fn in paths.values():
+    fn()  # compile
+  times = {name: [] for name in paths}
+  outputs = {}
+  for _ in range(trials):
+    for name, fn in paths.items():
+      dt, outputs[name] = fn()
+      times[name].append(dt)
+  return times, outputs
+
+
 def copy_bandwidth(nbytes: int, *, trials: int) -> float:
   """GB/s (read + write) of an elementwise pass over `nbytes` bytes, one call at a time.
 

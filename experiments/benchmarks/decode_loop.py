@@ -77,15 +77,11 @@ def run(model: dict, *, batch: int, prompt_len: int, new_tokens: int, trials: in
     out = jax.block_until_ready(chunk.tokens)
     return time.perf_counter() - t0, out
 
-  results, outputs = {}, {}
-  for name, fn in (("host_loop", host_loop), ("generate_chunks", generate_chunks),
-                   ("on_device", on_device)):
-    fn()  # compile
-    times = []
-    for _ in range(trials):
-      dt, out = fn()
-      times.append(dt)
-      outputs[name] = out
+  paths = {name: fn for name, fn in (("host_loop", host_loop), ("generate_chunks", generate_chunks),
+                   ("on_device", on_device))}
+  all_times, outputs = common.interleaved_trials(paths, trials)
+  results = {}
+  for name, times in all_times.items():
     t = statistics.median(times)
     results[name] = {"seconds": t, "tokens_per_s": batch * steps / t,
                      "trials_s": [round(x, 6) for x in times]}
@@ -115,7 +111,7 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--tiny", action="store_true", help="a tiny model, a few tokens (tests)")
-  ap.add_argument("--trials", type=int, default=5)
+  ap.add_argument("--trials", type=int, default=9)
   ap.add_argument("--out", default=str(common.RESULTS), help="folder for JSON and markdown")
   args = ap.parse_args(argv)
   if args.tiny:

@@ -115,15 +115,11 @@ def run(model: dict, *, slots: int, prompt_len: int, new_tokens: int, chunk: int
     assert sink.tokens == slots * steps and sink.finished == slots, (sink.tokens, sink.finished)
     return dt, None
 
-  results, outs = {}, {}
-  for name, fn in (("on_device_loop", on_device_loop), ("engine_on_device", engine_on_device),
-                   ("decode_worker", decode_worker)):
-    fn()  # compile
-    times = []
-    for _ in range(trials):
-      dt, out = fn()
-      times.append(dt)
-      outs[name] = out
+  paths = {name: fn for name, fn in (("on_device_loop", on_device_loop), ("engine_on_device", engine_on_device),
+                   ("decode_worker", decode_worker))}
+  all_times, outs = common.interleaved_trials(paths, trials)
+  results = {}
+  for name, times in all_times.items():
     t = statistics.median(times)
     results[name] = {"seconds": t, "tokens_per_s": slots * steps / t,
                      "trials_s": [round(x, 6) for x in times]}
@@ -168,14 +164,14 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--tiny", action="store_true", help="a tiny model, a few tokens (tests)")
-  ap.add_argument("--trials", type=int, default=5)
+  ap.add_argument("--trials", type=int, default=9)
   ap.add_argument("--chunk", type=int, default=16)
   ap.add_argument("--out", default=str(common.RESULTS), help="folder for JSON and markdown")
   args = ap.parse_args(argv)
   if args.tiny:
     result = run(TINY_MODEL, slots=2, prompt_len=4, new_tokens=9, chunk=4, trials=1)
   else:
-    result = run(MODEL, slots=8, prompt_len=16, new_tokens=128, chunk=args.chunk,
+    result = run(MODEL, slots=8, prompt_len=16, new_tokens=256, chunk=args.chunk,
                  trials=args.trials)
   print(markdown(result))
   common.write_results(result, markdown(result), name="serving_decode", tiny=args.tiny,

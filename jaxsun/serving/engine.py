@@ -50,7 +50,7 @@ from flax import struct
 from jaxsun import kv_cache
 from jaxsun.config import ModelConfig
 from jaxsun.generation import (MAX_STOP_IDS, Chunk, DecodeState, bucket, decode_slots,
-                               sample_rows)
+                               kv_window, sample_rows)
 from jaxsun.nn.decoder import Mode
 from jaxsun.serving.request import RequestError, SamplingParams
 from jaxsun.split import SplitModel, check_split
@@ -453,8 +453,8 @@ class Engine:
     return _insert(decode_state, prefix.kv, jnp.int32(slot), row)
 
   def kv_len_for(self, max_live_length: int) -> int:
-    """The attention window of a chunk: a bucket covering every live row plus a chunk."""
-    return bucket(max_live_length + self.chunk, self.capacity)
+    """The attention window of a chunk (`jaxsun.generation.kv_window`)."""
+    return kv_window(max_live_length, self.chunk, self.capacity)
 
   def generate(self, params: Params, decode_state: DecodeState, *, max_live_length: int,
                n_steps: int | None = None) -> tuple[DecodeState, Chunk]:
