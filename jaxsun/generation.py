@@ -364,7 +364,9 @@ def decode_loop(split: SplitModel, tok: jax.Array, cache: kv_cache.KVCache, *,
 
   The serving engine's path (`decode_slots` over a `DecodeState`): chunks of up to
   `DECODE_CHUNK` steps on device, the next chunk dispatched before the previous one is
-  read (the stop check runs one chunk behind), attention over a length bucket. Row r's
+  read (the stop check runs one chunk behind). `generate`'s cache is already sized to
+  prompt + max_new_tokens, so attention reads all of it (one compilation per shape; the
+  engine's longer-lived store reads a `kv_window`). Row r's
   step i draws with `fold_in(fold_in(key, r), i)`; rows stop after `eos_id` and are
   filled with `pad_id`. `generate` and the shared-module paths (`jaxsun.shared_inference`)
   end here.
@@ -374,7 +376,6 @@ def decode_loop(split: SplitModel, tok: jax.Array, cache: kv_cache.KVCache, *,
   capacity = cache.max_len
   ds = slot_state(tok, cache, steps=steps, sampling=sampling, key=key, eos_id=eos_id)
   chunks = []
-  live = int(np.max(np.asarray(cache.lengths))) if steps > 0 else 0
   flags = [jnp.any(ds.active)]  # "any row still active" after each chunk, on device
   done_steps = 0
   while done_steps < steps:
@@ -383,7 +384,7 @@ def decode_loop(split: SplitModel, tok: jax.Array, cache: kv_cache.KVCache, *,
     if eos_id is not None and not bool(flags[-1] if len(flags) == 1 else flags[-2]):
       break
     n = min(DECODE_CHUNK, steps - done_steps)
-    kv_len = kv_window(live + done_steps, DECODE_CHUNK, capacity)
+    kv_len = capacity  # this cache is sized to the request already: one compilation
     ds, chunk = decode_slots(split, ds, jnp.asarray(n, jnp.int32), size=DECODE_CHUNK,
                              kv_len=kv_len, pad_id=pad_id)
     chunks.append(chunk.tokens[:, :n])
