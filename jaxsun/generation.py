@@ -233,10 +233,11 @@ def _decode_slots(split: SplitModel, ds: DecodeState, n_steps: jax.Array, *, siz
     return j + 1, ds, out, cache
 
   out = jnp.full((slots, size), -1, jnp.int32)
-  small = _slice_kv(ds.cache, kv_len)
+  window = kv_len < ds.cache.max_len  # the whole store: no copy out and back
+  small = _slice_kv(ds.cache, kv_len) if window else ds.cache
   _, ds2, out, small = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), ds, out,
                                                        small))
-  return (ds2.replace(cache=_unslice_kv(ds.cache, small)),
+  return (ds2.replace(cache=_unslice_kv(ds.cache, small) if window else small),
           Chunk(tokens=out, any_active=jnp.any(ds2.active)))
 
 
