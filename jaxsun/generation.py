@@ -114,11 +114,11 @@ def kv_window(max_live_length: int, chunk: int, capacity: int) -> int:
   Reading a bucket means copying it out of the store and back once per chunk (about 4
   bucket-sized passes), against `chunk` steps that each skip `capacity - bucket` slots.
   """
-  b = bucket(max_live_length + chunk, capacity)
+  b = bucket(max_live_length + chunk, capacity, minimum=16)
   return b if chunk * (capacity - b) > 4 * b else capacity
 
 
-def bucket(n: int, cap: int, minimum: int = 16) -> int:
+def bucket(n: int, cap: int, minimum: int = 1) -> int:
   """The next power of two >= max(n, minimum), at most `cap` (bounds compiled shapes)."""
   return min(cap, 1 << max(0, int(max(n, minimum) - 1).bit_length()))
 

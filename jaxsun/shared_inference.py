@@ -37,7 +37,7 @@ import numpy as np
 from jaxsun import kv_cache
 from jaxsun import validation
 from jaxsun.config import ModelConfig
-from jaxsun.generation import (GenerateOutput, SamplingConfig, _sample, decode_loop,
+from jaxsun.generation import (GenerateOutput, SamplingConfig, _sample, bucket, decode_loop,
                                decode_step, pad_prompts, prefill)
 from jaxsun.nn.decoder import Mode
 from jaxsun.split import SplitModel, check_split, prefill_lengths
@@ -78,11 +78,6 @@ def _prefill_only(split: SplitModel) -> SplitModel:
   """`split`'s prefill tree alone (what a prefill needs)."""
   return SplitModel(graphdef=split.graphdef, prefill=split.prefill,
                     last_prompt_token=split.last_prompt_token)
-
-
-def bucket_length(n: int, cap: int, minimum: int = 1) -> int:
-  """The next power of two >= max(n, minimum), at most `cap` (bounds compiled shapes)."""
-  return min(cap, 1 << max(0, int(max(n, minimum) - 1).bit_length()))
 
 
 @jax.jit
@@ -186,7 +181,7 @@ def sun_generate(task_models: Sequence[SplitModel], prompts, prompt_lengths=None
   # Prefill: the rows of each model through that model's prefill tree, then into the cache.
   for m in np.unique(model_ids):
     rows = np.flatnonzero(model_ids == m)
-    g = bucket_length(len(rows), b)
+    g = bucket(len(rows), b)
     rows = np.concatenate([rows, np.full(g - len(rows), rows[-1])])  # repeats: same values
     pre = _prefill_only(task_models[int(m)])
     logits_m, cache_m = prefill(pre, jnp.asarray(prompts[rows]),

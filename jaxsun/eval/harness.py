@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from jaxsun import generation
 from jaxsun import split as split_lib
-from jaxsun.shared_inference import bucket_length
+from jaxsun.generation import bucket
 from jaxsun.eval.harness_tasks import SHIPPED_TASKS  # pylint: disable=unused-import
 
 TASK_DIR = os.path.join(os.path.dirname(__file__), "harness_tasks")
@@ -122,7 +122,7 @@ class JaxsunLM(TemplateLM):
     for start in tqdm(range(0, len(order), self.batch_size), desc="jaxsun loglikelihood",
                       disable=disable_tqdm):
       idx = order[start:start + self.batch_size]
-      length = bucket_length(max(len(rows[i][0]) for i in idx) - 1, self.max_length,
+      length = bucket(max(len(rows[i][0]) for i in idx) - 1, self.max_length,
                              MIN_BUCKET)
       tokens = np.zeros((self.batch_size, length + 1), np.int32)
       boundary = np.ones((self.batch_size,), np.int32)

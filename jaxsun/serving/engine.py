@@ -355,7 +355,7 @@ class Engine:
       t_len = bucket(max(new, 1), self.capacity, minimum=8)
       if cached + t_len > self.capacity:
         t_len = self.capacity - cached
-      length = bucket(cached + t_len, self.capacity)
+      length = bucket(cached + t_len, self.capacity, minimum=MIN_BUCKET)
       if base is None:
         kv = self._empty_kv(length)
       else:

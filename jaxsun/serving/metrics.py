@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import math
 import os
@@ -266,12 +267,18 @@ def write_json(path: str | os.PathLike, summary: Mapping[str, Any],
   if records is not None:
     payload["records"] = [record_dict(r) for r in records]
   text = json.dumps(_jsonable(payload), indent=2, allow_nan=False) + "\n"
+  return _write_atomic(path, text.encode())
+
+
+def _write_atomic(path: str | os.PathLike, data: bytes) -> pathlib.Path:
+  """Writes `data` to a temporary file beside `path` and renames it into place, so a
+  reader never sees half a file."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
     os.chmod(tmp, 0o644)  # mkstemp makes it 0600; results are meant to be read
     os.replace(tmp, path)
   except BaseException:
@@ -320,15 +327,6 @@ def plot_latency_cdfs(results: Mapping[str, Sequence[RequestRecord]],
       ax.legend()
   fig.tight_layout()
 
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      fig.savefig(f, format="png")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return path
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png")
+  return _write_atomic(path, buf.getvalue())

@@ -379,14 +379,22 @@ class ServingSystem:
     if handle is not None:
       handle._push(TokenEvent(job.request.request_id, token, index, now))
 
-  def on_finished(self, job: Job, reason: str, now: float) -> None:
+  def _retire(self, job: Job, outcome: str) -> tuple[bool, RequestHandle | None]:
+    """Takes a job out of flight once (counted under `outcome`); returns (whether this
+    call retired it, its handle)."""
     rid = job.request.request_id
     with self._lock:
       if self.inflight.get(rid) is not job:
-        return
+        return False, None
       del self.inflight[rid]
-      handle = self.handles.pop(rid, None)
-      self.counters["completed"] += 1
+      self.counters[outcome] += 1
+      return True, self.handles.pop(rid, None)
+
+  def on_finished(self, job: Job, reason: str, now: float) -> None:
+    rid = job.request.request_id
+    retired, handle = self._retire(job, "completed")
+    if not retired:
+      return
     job.record.finish_reason, job.record.end = reason, now
     self.records.append(job.record)
     if handle is not None:
@@ -413,13 +421,9 @@ class ServingSystem:
       self._fail(job, RequestFailed(f"could not re-route {job.request.request_id}: {e}"))
 
   def _fail(self, job: Job, error: Exception) -> None:
-    rid = job.request.request_id
-    with self._lock:
-      if self.inflight.get(rid) is not job:
-        return
-      del self.inflight[rid]
-      handle = self.handles.pop(rid, None)
-      self.counters["failed"] += 1
+    retired, handle = self._retire(job, "failed")
+    if not retired:
+      return
     job.record.error, job.record.status = str(error), getattr(error, "status", 500)
     job.record.end = time.monotonic()
     self.records.append(job.record)
