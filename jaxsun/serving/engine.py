@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -90,10 +91,17 @@ class Params:
 
   tree_id: str
   split: SplitModel
+  variant: str = ""  # the weights' format when it is not the model's own ("int8", ...)
 
   @property
   def cfg(self) -> ModelConfig:
     return self.split.cfg
+
+  @functools.cached_property
+  def nbytes(self) -> int:
+    """Bytes of the tree's arrays: what one forward pass reads (the step-time model's
+    `weight_bytes`)."""
+    return int(sum(x.nbytes for x in jax.tree.leaves(self.split.prefill)))
 
   @property
   def last_prompt_token(self) -> str:
@@ -270,6 +278,64 @@ def request_key(seed: int) -> np.ndarray:
   return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
 
 
+# ----------------------------------------------------------------------------- shapes and work
+
+
+def prefill_plan(n_cache: int, cached: int, capacity: int) -> tuple[int, int]:
+  """The shapes one prefill call computes: (query tokens t_len, KV slots `length`).
+
+  `n_cache` prompt tokens go into the KV, `cached` of them are already there; the rest
+  run padded to a power-of-two bucket (few compilations), attending over a KV bucket.
+  When the whole prompt is cached the last position is recomputed (one query token).
+  """
+  new = max(n_cache - cached, 1)
+  t_len = bucket(new, capacity, minimum=8)
+  if cached + t_len > capacity:
+    t_len = capacity - cached
+  return t_len, bucket(cached + t_len, capacity, minimum=MIN_BUCKET)
+
+
+def prefill_work(t_len: int, length: int, weight_bytes: int) -> dict[str, float]:
+  """Step-time features of one prefill call (`jaxsun.serving.sim.stepmodel.FEATURES`)."""
+  return dict(calls=1.0, steps=0.0, prefill_tokens=float(t_len),
+              prefill_attn=float(t_len * length), decode_rows=0.0, kv_tokens=0.0,
+              weight_bytes=float(weight_bytes))
+
+
+def decode_work(steps: int, tokens: int, kv_tokens: int, weight_bytes: int) -> dict[str, float]:
+  """Step-time features of one decode chunk: `steps` steps that emitted `tokens` tokens
+  in all (the decode batch summed over steps: host work per token scales with it) and
+  read `kv_tokens` KV slots per step (this engine computes every slot over its window:
+  slots * window)."""
+  return dict(calls=1.0, steps=float(steps), prefill_tokens=0.0, prefill_attn=0.0,
+              decode_rows=float(tokens), kv_tokens=float(steps * kv_tokens),
+              weight_bytes=float(steps * weight_bytes))
+
+
+@dataclasses.dataclass
+class LoggedStep:
+  """One device call of an engine, as `Engine.step_log` records it.
+
+  Attributes:
+    module: "prefill" or "decode", with ":<variant>" for a tree in another format.
+    work: step-time features (`prefill_work` / `decode_work`).
+    seconds: measured: a prefill call's wall time (it ends in a host sync); a decode
+      chunk's time from when the device could start it (its dispatch or the previous
+      chunk's end, whichever is later) to when its tokens were read.
+    start: `clock()` when it started.
+  """
+
+  module: str
+  work: dict
+  seconds: float
+  start: float
+
+
+def module_key(phase: str, params: Params) -> str:
+  variant = getattr(params, "variant", "")
+  return f"{phase}:{variant}" if variant else phase
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -296,6 +362,27 @@ class Engine:
       raise ValueError(f"Engine pad_id={pad_id} is outside the vocabulary")
     self.cfg, self.slots, self.capacity, self.chunk, self.pad_id = (cfg, slots, capacity,
                                                                     chunk, pad_id)
+    self.step_log: list[LoggedStep] | None = None  # set to [] to record every device call
+    self._dispatched: dict[int, tuple] = {}  # id(chunk tokens) -> what its log entry needs
+    self._last_fetch = 0.0
+
+  def clock(self) -> float:
+    """The time workers stamp events with (a simulated engine has a logical one)."""
+    return time.monotonic()
+
+  def fetch(self, chunk: Chunk) -> np.ndarray:
+    """A chunk's tokens on the host (i32[slots, chunk]): the one sync per chunk."""
+    tokens = np.asarray(chunk.tokens)
+    entry = self._dispatched.pop(id(chunk.tokens), None)
+    if entry is not None:
+      dispatched, module, kv_tokens, wbytes = entry
+      end = time.monotonic()
+      start = max(dispatched, self._last_fetch)
+      self._last_fetch = end
+      steps = int(np.sum(np.any(tokens >= 0, axis=0)))
+      work = decode_work(steps, int(np.sum(tokens >= 0)), kv_tokens, wbytes)
+      self.step_log.append(LoggedStep(module, work, end - start, start))
+    return tokens
 
   def _check_params(self, params: Params, arg: str) -> None:
     if not isinstance(params, Params):
@@ -347,15 +434,15 @@ class Engine:
       if existing_prefix.tokens[:cached] != tokens[:cached]:
         raise InsertError("existing_prefix", "its tokens do not start the prompt")
       base = existing_prefix.kv if cached else None
+    t0 = time.monotonic()
+    work = None
     if n_cache == 0:  # a one-token prompt under "decode": nothing for the prefill tree
       kv = self._empty_kv(MIN_BUCKET)
       logits = None
     else:
       new = n_cache - cached
-      t_len = bucket(max(new, 1), self.capacity, minimum=8)
-      if cached + t_len > self.capacity:
-        t_len = self.capacity - cached
-      length = bucket(cached + t_len, self.capacity, minimum=MIN_BUCKET)
+      t_len, length = prefill_plan(n_cache, cached, self.capacity)
+      work = prefill_work(t_len, length, params.nbytes)
       if base is None:
         kv = self._empty_kv(length)
       else:
@@ -383,6 +470,9 @@ class Engine:
                     model=model, digest=int(kv_digest(kv)[0]), next_token=next_token,
                     first_emitted=not decode_first,
                     last_prompt_token=params.last_prompt_token)
+    if self.step_log is not None and work is not None:  # the digest above synced
+      self.step_log.append(LoggedStep(module_key("prefill", params), work,
+                                      time.monotonic() - t0, t0))
     return prefix, first
 
   def _empty_kv(self, length: int) -> kv_cache.KVCache:
@@ -422,6 +512,24 @@ class Engine:
     """
     if not isinstance(prefix, Prefix):
       raise TypeError(f"prefix must be a Prefix, got {type(prefix).__name__}")
+    if prefix.kv.max_len > self.capacity:
+      raise InsertError("prefix", f"KV of {prefix.kv.max_len} slots > capacity {self.capacity}")
+    emitted, budget, stops, done = self.check_insert(prefix, slot, sampling=sampling,
+                                                     valid_producers=valid_producers,
+                                                     eos_id=eos_id, verify=verify)
+    row = dict(tokens=jnp.int32(prefix.next_token), active=jnp.bool_(not done),
+               remaining=jnp.int32(max(budget, 0)), step=jnp.int32(emitted),
+               keys=jnp.asarray(request_key(_seed(sampling))),
+               temperature=jnp.float32(sampling.temperature),
+               top_p=jnp.float32(sampling.top_p), top_k=jnp.int32(sampling.top_k),
+               stop_ids=jnp.asarray(stops + [-1] * (MAX_STOP_IDS - len(stops)), jnp.int32))
+    return _insert(decode_state, prefix.kv, jnp.int32(slot), row)
+
+  def check_insert(self, prefix, slot: int, *, sampling: SamplingParams, valid_producers,
+                   eos_id: int | None = None, verify: bool = True
+                   ) -> tuple[int, int, list[int], bool]:
+    """What `insert` checks (raising InsertError / KVCorrupted) and derives for the row:
+    (tokens already emitted, decode budget, stop ids, whether the row is done already)."""
     if prefix.producer not in valid_producers:
       raise InsertError("prefix", f"KV produced by tree {prefix.producer} (model "
                         f"{prefix.model!r}) is not valid for this decode module; valid "
@@ -433,8 +541,6 @@ class Engine:
     if prefix.length + budget > self.capacity:  # every decode step writes one KV slot
       raise InsertError("max_tokens", f"{prefix.length} cached tokens + {sampling.max_tokens} "
                         f"new tokens exceed the KV capacity {self.capacity}")
-    if prefix.kv.max_len > self.capacity:
-      raise InsertError("prefix", f"KV of {prefix.kv.max_len} slots > capacity {self.capacity}")
     if verify and not prefix.verify():
       raise KVCorrupted("prefix", f"KV digest mismatch for model {prefix.model!r}: the KV "
                         "changed after it was produced (corrupted transfer?)")
@@ -443,14 +549,8 @@ class Engine:
     if len(stops) > MAX_STOP_IDS:
       raise InsertError("stop_token_ids", f"at most {MAX_STOP_IDS - 1} stop tokens besides EOS")
     # A first token that already stops the request leaves nothing to decode.
-    done = emitted and (budget <= 0 or prefix.next_token in stops)
-    row = dict(tokens=jnp.int32(prefix.next_token), active=jnp.bool_(not done),
-               remaining=jnp.int32(max(budget, 0)), step=jnp.int32(emitted),
-               keys=jnp.asarray(request_key(_seed(sampling))),
-               temperature=jnp.float32(sampling.temperature),
-               top_p=jnp.float32(sampling.top_p), top_k=jnp.int32(sampling.top_k),
-               stop_ids=jnp.asarray(stops + [-1] * (MAX_STOP_IDS - len(stops)), jnp.int32))
-    return _insert(decode_state, prefix.kv, jnp.int32(slot), row)
+    done = bool(emitted and (budget <= 0 or prefix.next_token in stops))
+    return emitted, budget, stops, done
 
   def kv_len_for(self, max_live_length: int) -> int:
     """The attention window of a chunk (`jaxsun.generation.kv_window`)."""
@@ -472,9 +572,53 @@ class Engine:
     """
     self._check_params(params, "params")
     n = self.chunk if n_steps is None else n_steps
-    return decode_slots(params.split, decode_state, jnp.asarray(n, jnp.int32),
-                        size=self.chunk, kv_len=self.kv_len_for(max_live_length),
-                        pad_id=self.pad_id)
+    kv_len = self.kv_len_for(max_live_length)
+    state, chunk = decode_slots(params.split, decode_state, jnp.asarray(n, jnp.int32),
+                                size=self.chunk, kv_len=kv_len, pad_id=self.pad_id)
+    if self.step_log is not None:
+      self._dispatched[id(chunk.tokens)] = (time.monotonic(), module_key("decode", params),
+                                            self.slots * kv_len, params.nbytes)
+    return state, chunk
+
+  def warm_up(self, prefill_params=(), decode_params=(), *, sampling=None) -> int:
+    """Compiles every shape serving can meet, so no request waits for a compilation:
+    each prefill (query bucket, KV bucket) with and without a cached prefix, each KV
+    window of a decode chunk, and the inserts of every prefix size. Compilations are
+    cached per tree structure, so one engine warms every worker of its shapes.
+
+    Returns:
+      the number of calls made.
+    """
+    sampling = sampling or SamplingParams(max_tokens=1, ignore_eos=True)
+    log, self.step_log = self.step_log, None
+    calls, by_size = 0, {}  # KV slots -> a prefix of that size
+    sizes = sorted({bucket(n, self.capacity, minimum=8) for n in range(1, self.capacity + 1)})
+    try:
+      for p in prefill_params:
+        tok = (self.pad_id + 1) % self.cfg.vocab_size
+        extra = 1 if p.last_prompt_token == "decode" else 0  # the decode tree's token
+        for cached in sorted({0, *sizes, *(s - 1 for s in sizes)}):
+          if cached + extra >= self.capacity:
+            continue
+          hit = self.prefill(p, (tok,) * (cached + extra))[0] if cached else None
+          for new in [1, *sizes]:
+            if cached + new + extra <= self.capacity:
+              prefix, _ = self.prefill(p, (tok,) * (cached + new + extra), existing_prefix=hit)
+              by_size.setdefault(prefix.kv.max_len, prefix)
+              calls += 1
+      windows = {self.kv_len_for(n): n for n in range(self.capacity - self.chunk + 1)}
+      for d in decode_params:
+        for live in windows.values():
+          state = self.init_decode_state()
+          for slot, size in enumerate(sorted(by_size)[:self.slots]):
+            state = self.insert(by_size[size], state, slot, sampling=sampling,
+                                valid_producers={by_size[size].producer})
+          state, chunk = self.generate(d, state, max_live_length=live)
+          self.fetch(chunk)
+          calls += 1
+    finally:
+      self.step_log = log
+    return calls
 
   def free(self, decode_state: DecodeState, slot: int) -> DecodeState:
     """Releases row `slot` (its KV is overwritten by the next insert)."""

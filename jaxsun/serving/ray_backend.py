@@ -585,7 +585,7 @@ class RaySystem(ServingSystem):
 
   # -- construction
 
-  def _engine(self) -> Engine:
+  def _engine(self, worker_id: str) -> Engine:
     c = self.config
     return _SpecEngine(self.cfg, slots=c.slots, capacity=c.capacity, chunk=c.chunk)
 

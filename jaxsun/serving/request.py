@@ -121,7 +121,8 @@ class Request:
     sampling: SamplingParams.
     request_id: unique id (assigned if empty).
     session_id: multi-agent sessions share a growing context; routers may use it.
-    arrival_time: `time.monotonic()` at admission (set by the system).
+    arrival_time: `time.monotonic()` at construction unless given (a simulator gives
+      its logical time).
   """
 
   model: str
@@ -129,7 +130,7 @@ class Request:
   sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
   request_id: str = ""
   session_id: str | None = None
-  arrival_time: float = 0.0
+  arrival_time: float | None = None
 
   def __post_init__(self):
     if not isinstance(self.model, str) or not self.model:
@@ -145,7 +146,7 @@ class Request:
       raise RequestError("sampling", "must be a SamplingParams")
     if not self.request_id:
       self.request_id = f"req-{next(_ids)}"
-    if not self.arrival_time:
+    if self.arrival_time is None:
       self.arrival_time = time.monotonic()
 
 

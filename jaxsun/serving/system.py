@@ -100,6 +100,28 @@ class DeploymentConfig:
                          f"{sorted(router_lib.POLICIES)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskTrees:
+  """A task model given by its two engine trees rather than a SplitModel: e.g. a SUN
+  model whose shared decode tree is quantized (QSUN), or simulated trees.
+
+  Attributes:
+    prefill: the tree that prefills its prompts.
+    decode: the tree that decodes them.
+  """
+
+  prefill: Params
+  decode: Params
+
+  @property
+  def cfg(self):
+    return self.prefill.cfg
+
+  @property
+  def last_prompt_token(self) -> str:
+    return self.prefill.last_prompt_token
+
+
 def _policy(name: str, seed: int) -> router_lib.Policy:
   return router_lib.make_policy(name, **({"seed": seed} if name == "power_of_two" else {}))
 
@@ -109,21 +131,22 @@ class ServingSystem:
 
   Args:
     config: the DeploymentConfig.
-    models: task model id -> SplitModel (same architecture for all).
+    models: task model id -> SplitModel or TaskTrees (same architecture for all).
     eos_id: the end-of-sequence token of every model (None: none).
     tokenizer: tokenizer name reported to front ends.
     start: start the worker threads now (False: call `start()`, or drive `step()`
       yourself in tests).
   """
 
-  def __init__(self, config: DeploymentConfig, models: Mapping[str, SplitModel], *,
+  def __init__(self, config: DeploymentConfig, models: Mapping[str, SplitModel | TaskTrees], *,
                eos_id: int | None = None, tokenizer: str = "byte", start: bool = True):
     if not isinstance(config, DeploymentConfig):
       raise TypeError(f"config must be a DeploymentConfig, got {type(config).__name__}")
     if not models:
       raise ValueError("models is empty: a deployment serves at least one task model")
     self.config, self.eos_id, self.tokenizer = config, eos_id, tokenizer
-    self.task_models = {m: check_split(s, f"models[{m!r}]") for m, s in models.items()}
+    self.task_models = {m: s if isinstance(s, TaskTrees) else check_split(s, f"models[{m!r}]")
+                        for m, s in models.items()}
     cfgs = {s.cfg for s in self.task_models.values()}
     if len(cfgs) != 1:
       raise ValueError("every task model must have the same ModelConfig (one architecture)")
@@ -135,10 +158,14 @@ class ServingSystem:
     if len(conventions) != 1 and config.kind in ("sun", "prefillshare"):
       raise ValueError("task models disagree on last_prompt_token; a shared module needs "
                        "one convention")
-    self.transfer: KVTransfer = make_transfer(config.transfer, **dict(config.transfer_options))
+    self.transfer: KVTransfer = self._make_transfer()
     self._params_cache: dict[str, Params] = {}
-    self.prefill_params = {m: self._dedup(Params.prefill_of(s)) for m, s in self.task_models.items()}
-    self.decode_params = {m: self._dedup(Params.decode_of(s)) for m, s in self.task_models.items()}
+    self.prefill_params = {m: self._dedup(s.prefill if isinstance(s, TaskTrees)
+                                          else Params.prefill_of(s))
+                           for m, s in self.task_models.items()}
+    self.decode_params = {m: self._dedup(s.decode if isinstance(s, TaskTrees)
+                                         else Params.decode_of(s))
+                          for m, s in self.task_models.items()}
     self.router = router_lib.Router(prefill_policy=_policy(config.prefill_policy, config.seed),
                                     decode_policy=_policy(config.decode_policy, config.seed + 1))
     self.prefill_workers: list[PrefillWorker] = []
@@ -162,15 +189,41 @@ class ServingSystem:
   def _dedup(self, p: Params) -> Params:
     return self._params_cache.setdefault(p.tree_id, p)
 
-  def _engine(self) -> Engine:
+  def _make_transfer(self) -> KVTransfer:
+    c = self.config
+    return make_transfer(c.transfer, **dict(c.transfer_options))
+
+  def _engine(self, worker_id: str) -> Engine:  # pylint: disable=unused-argument
+    """The engine of worker `worker_id` (a simulator hands out simulated ones)."""
     c = self.config
     return Engine(self.cfg, slots=c.slots, capacity=c.capacity, chunk=c.chunk)
+
+  def warm_up(self) -> int:
+    """Compiles every shape the workers can meet (`Engine.warm_up`) before serving.
+    Compilations are shared by trees of one structure, so one engine and one tree of
+    each structure warm them all. Returns the calls made."""
+    workers = self.prefill_workers + self.decode_workers
+    if not workers:
+      return 0
+
+    def distinct(trees):
+      out = {}
+      for t in trees:
+        out.setdefault(getattr(getattr(t, "split", None), "graphdef", t.tree_id), t)
+      return list(out.values())
+
+    return workers[0].engine.warm_up(distinct(self.prefill_params.values()),
+                                     distinct(self.decode_params.values()))
+
+  def clock(self) -> float:
+    """The time the system stamps its own events with."""
+    return time.monotonic()
 
   def _prefill_worker(self, name: str, models: list[str]) -> PrefillWorker:
     c = self.config
     cache = (PrefixCache(int(c.prefix_cache_mb * 2**20), block=c.prefix_block)
              if c.prefix_cache_mb > 0 else None)
-    return PrefillWorker(name, self._engine(), {m: self.prefill_params[m] for m in models},
+    return PrefillWorker(name, self._engine(name), {m: self.prefill_params[m] for m in models},
                          cache=cache, transfer=self.transfer, sink=self, max_queue=c.max_queue)
 
   def _build(self) -> None:
@@ -193,7 +246,7 @@ class ServingSystem:
           pre = self._prefill_worker(f"colocated-{m}-{i}/prefill", [m])
           dp = self.decode_params[m]
           self.decode_workers.append(ColocatedWorker(
-              f"colocated-{m}-{i}", self._engine(), dp, prefill=pre,
+              f"colocated-{m}-{i}", self._engine(f"colocated-{m}-{i}"), dp, prefill=pre,
               valid_producers={self.prefill_params[m].tree_id}, models={m},
               transfer=self.transfer, sink=self))
       return
@@ -211,7 +264,7 @@ class ServingSystem:
         valid = {self.prefill_params[group[0]].tree_id}
       for i in range(c.decode_workers):
         self.decode_workers.append(DecodeWorker(
-            f"decode-{tag}-{i}", self._engine(), dp, valid_producers=valid,
+            f"decode-{tag}-{i}", self._engine(f"decode-{tag}-{i}"), dp, valid_producers=valid,
             models=set(group), transfer=self.transfer, sink=self))
 
   # -- runtime
@@ -352,7 +405,7 @@ class ServingSystem:
   # -- Sink (called by workers)
 
   def on_prefilled(self, job: Job, prefix, worker: PrefillWorker) -> None:
-    if emit_first_token(self, job, prefix):
+    if emit_first_token(self, job, prefix, self.clock()):
       return
     try:
       target = self._route(self.router.route_decode, job.request, self.decode_workers)
@@ -425,7 +478,7 @@ class ServingSystem:
     if not retired:
       return
     job.record.error, job.record.status = str(error), getattr(error, "status", 500)
-    job.record.end = time.monotonic()
+    job.record.end = self.clock()
     self.records.append(job.record)
     if handle is not None:
       handle._fail(error)

@@ -22,10 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-import time
 from typing import Protocol
-
-import numpy as np
 
 from jaxsun.serving.engine import Engine, InsertError, KVCorrupted, Params, Prefix
 from jaxsun.serving.load import WorkerLoad
@@ -158,12 +155,12 @@ class PrefillWorker:
     n_cache = len(req.prompt) - (1 if params.last_prompt_token == "decode" else 0)
     hit = None if self.cache is None or n_cache == 0 else self.cache.lookup(
         params.tree_id, req.prompt, max_length=n_cache)
-    job.record.prefill_start = time.monotonic()
+    job.record.prefill_start = self.engine.clock()
     prefix, _ = self.engine.prefill(params, req.prompt, existing_prefix=hit, model=req.model,
                                     sampling=req.sampling)
     if self.cache is not None:
       self.cache.put(prefix)
-    job.record.prefill_end = time.monotonic()
+    job.record.prefill_end = self.engine.clock()
     job.record.cached_prompt_tokens = 0 if hit is None else hit.length
     job.record.prefill_worker = self.worker_id
     return prefix
@@ -177,7 +174,7 @@ class PrefillWorker:
       self.busy += 1
     try:
       if job.cancelled:
-        self.sink.on_finished(job, "abort", time.monotonic())
+        self.sink.on_finished(job, "abort", self.engine.clock())
         return True
       prefix = self.prefill(job)
       self.sink.on_prefilled(job, prefix, self)
@@ -196,11 +193,11 @@ class PrefillWorker:
     return jobs
 
 
-def emit_first_token(sink: Sink, job: Job, prefix: Prefix) -> bool:
-  """Emits the prefill tree's first token; returns True if that already ends the job."""
+def emit_first_token(sink: Sink, job: Job, prefix: Prefix, now: float) -> bool:
+  """Emits the prefill tree's first token (known at `now`); returns True if that already
+  ends the job."""
   if not prefix.first_emitted:
     return False
-  now = time.monotonic()
   job.produced = 1
   sink.on_token(job, prefix.next_token, 0, now)
   reason = _finish_reason(job, prefix.next_token)
@@ -285,7 +282,7 @@ class DecodeWorker:
           return
         job, payload = self.inbox.popleft()
       if job.cancelled:
-        self.sink.on_finished(job, "abort", time.monotonic())
+        self.sink.on_finished(job, "abort", self.engine.clock())
         continue
       try:
         prefix = self._prefix_for(job, payload)
@@ -309,8 +306,8 @@ class DecodeWorker:
   def _read(self, pending) -> None:
     """Emits the tokens of a finished chunk and frees the rows that ended."""
     chunk, jobs = pending
-    tokens = np.asarray(chunk.tokens)  # the host sync: one per chunk
-    now = time.monotonic()
+    tokens = self.engine.fetch(chunk)  # the host sync: one per chunk
+    now = self.engine.clock()
     for slot, job in jobs.items():
       if self.slot_jobs.get(slot) is not job:
         continue  # re-routed meanwhile
@@ -376,7 +373,7 @@ class ColocatedWorker(DecodeWorker):
 
   def _prefix_for(self, job: Job, payload) -> Prefix | None:
     prefix = self.prefiller.prefill(job)
-    if emit_first_token(self.sink, job, prefix):
+    if emit_first_token(self.sink, job, prefix, self.engine.clock()):
       return None
     return prefix
 

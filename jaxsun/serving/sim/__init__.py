@@ -1,0 +1,1 @@
+"""The serving simulator: step-time models and calibrations (stepmodel.py)."""
