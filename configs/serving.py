@@ -57,7 +57,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       seed=0,
   ))
   variant = arg.strip()
-  if variant.startswith("tiny"):
+  if variant.startswith("study_"):
+    c.study = _study(variant)
+  elif variant.startswith("tiny"):
     c.deployment.slots = 4
     c.deployment.capacity = 128
     c.deployment.chunk = 8
@@ -72,6 +74,61 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.deployment.kind = kind
   elif variant:
     raise ValueError(f"unknown variant {arg!r}; known: tiny, tiny_prefillshare, "
-                     "tiny_conventional, tiny_colocated")
+                     f"tiny_conventional, tiny_colocated, {', '.join(STUDIES)}")
   c.lock()
   return c
+
+
+CAL = "experiments/results/serving/calibration"
+STUDIES = tuple(f"study_{s}_{b}" for s in ("sun", "qsun", "prefillshare")
+                for b in ("engine", "h100", "h200"))
+
+# The engine on this machine: the shipped byte-level base, short requests.
+_ENGINE = dict(
+    sun=dict(n_models=4, skews=(0.0, 1.5), seeds=3, num_requests=120, prompt_len=(16, 64),
+             output_len=(32, 160), slots=8, capacity=256, chunk=16,
+             slo={"ttft_ms": 60.0, "tpot_ms": 2.0}, search_iters=3),
+    prefillshare=dict(n_models=2, concurrency=(2, 4, 8, 16), seeds=3, turns=4,
+                      context_len=(48, 96), output_len=(8, 24), observation_len=(8, 24),
+                      slots=8, capacity=256, chunk=16, prefix_cache_mb=0.5,
+                      prefix_block=16),
+)
+# An 8B-class model at cluster scale in the simulator.
+_PAPER = dict(
+    sun=dict(n_models=4, skews=(0.0, 0.5, 1.0, 1.5, 2.0), seeds=3, num_requests=800,
+             prompt_len=(128, 512), output_len=(256, 1024), slots=128, capacity=2048,
+             chunk=8, slo={"ttft_ms": 1000.0, "tpot_ms": 40.0}, search_iters=6),
+    prefillshare=dict(n_models=4, concurrency=(8, 16, 32, 64, 128), seeds=3, turns=6,
+                      context_len=(1024, 2048), output_len=(64, 192),
+                      observation_len=(64, 256), slots=128, capacity=8192, chunk=8,
+                      prefix_cache_mb=8192.0, prefix_block=16),
+)
+
+
+def _study(variant: str) -> ml_collections.ConfigDict:
+  """`study_<sun|qsun|prefillshare>_<engine|h100|h200>` (`jaxsun.serving.sim.studies`).
+
+  Launch: python -m jaxsun.serving.sim.studies --config=configs/serving.py:study_sun_h100
+  Results: experiments/results/serving/<study>/<backend>.{json,md,png}.
+  """
+  if variant not in STUDIES:
+    raise ValueError(f"unknown study variant {variant!r}; known: {', '.join(STUDIES)}")
+  _, name, where = variant.split("_")
+  s = ml_collections.ConfigDict()
+  s.name = name
+  s.backend = "engine" if where == "engine" else "sim"
+  s.calibration = "" if where == "engine" else f"{CAL}/{where}_llama-3.1-8b_derived.json"
+  s.model = "llama-3.1-8b"
+  s.layout = "paged"
+  s.transport = "rdma"
+  s.base = "shipped:llama_bytes"
+  s.decode_variant = "codebook:m1v4g64" if where == "engine" else "int4"
+  params = (_ENGINE if where == "engine" else _PAPER)["prefillshare" if name == "prefillshare"
+                                                     else "sun"]
+  s.params = ml_collections.ConfigDict(params)
+  if name == "qsun":  # one skew: the decode module is the variable
+    for k in ("skews",):
+      del s.params[k]
+  s.out = f"experiments/results/serving/{name}"
+  s.stem = where
+  return s

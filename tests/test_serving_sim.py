@@ -150,7 +150,8 @@ def test_simulated_engine_computes_the_features_the_engine_logs():
   assert [w["decode_rows"] for w in works[4:]] == [10, 6, 2, 0]
   assert [w["steps"] for w in works[4:]] == [4, 4, 2, 0]
   # Live 53 + 4 -> a 64 bucket, not worth copying out of a 96-slot store: reads all 96.
-  assert works[4] == decode_work(4, 10, 4 * 96, dec.nbytes)
+  assert works[4] == decode_work(4, 10, 4 * 96, dec.nbytes, inserts=3)
+  assert [w["inserts"] for w in works[4:]] == [3, 0, 0, 0]
 
 
 def test_live_engine_logs_fit_a_calibration():
@@ -239,3 +240,36 @@ def test_a_simulated_engine_refuses_what_the_engine_refuses():
   with pytest.raises(ValueError, match="unknown"):
     SimSystem(DeploymentConfig(kind="sun", slots=2, capacity=32),
               sim_models(sm.CFG, {"a": "sun"}), calibration(), transport="nvlink")
+
+
+REPORT = "experiments/results/serving/validation/validation.json"
+
+
+def test_the_committed_validation_replays_and_a_wrong_calibration_fails_it():
+  """The committed report's engine measurements, re-simulated: the simulator reproduces
+  the report exactly, ranks the policies as the engine did, and the same calibrations
+  off by 1.6x are much further from the engine and fail (the check can fail)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  from jaxsun.serving.sim import validate  # pylint: disable=import-outside-toplevel
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  report = json.loads((root / REPORT).read_text())
+  folds = [Calibration.load(root / f) for f in report["fold_calibration_files"]]
+  cases = [c for c in validate.default_cases() if c.name in
+           {e["name"] for e in report["cases"]}]
+  twins = {c.name: validate.sim_twins_of(c) for c in cases}
+  again = validate.resimulate(report, folds, cases=cases, twins=twins)
+  assert again["passed"] == report["passed"]
+  for e_old, e_new in zip(report["cases"], again["cases"]):  # the simulator is deterministic
+    for r_old, r_new in zip(e_old["runs"], e_new["runs"]):
+      assert r_old["sim"] == pytest.approx(r_new["sim"], rel=1e-9)
+    if "ranking" in e_new:
+      assert e_new["ranking"]["same_best"]
+  right = again["score"]
+  for factor in (1.6, 1 / 1.6):
+    wrong = validate.resimulate(report, [f.scaled(factor) for f in folds], cases=cases,
+                                twins=twins)
+    assert not wrong["passed"], factor
+    assert wrong["score"]["median_abs_rel_err"] > 1.5 * right["median_abs_rel_err"], factor
+    assert wrong["score"]["rows_ok"] < right["rows_ok"], factor

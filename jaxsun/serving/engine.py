@@ -208,7 +208,9 @@ class Prefix:
     """The first `n` cached tokens of this prefix (same arrays, shorter length)."""
     if not 0 < n <= self.length:
       raise ValueError(f"n={n} must be in (0, {self.length}]")
-    kv = self.kv.replace(lengths=jnp.full((1,), n, jnp.int32))
+    if n == self.length:  # the same KV: its digest holds (no device call)
+      return dataclasses.replace(self, next_token=None, first_emitted=False)
+    kv = self.kv.replace(lengths=self.kv.lengths * 0 + n)  # placed like the KV it describes
     return dataclasses.replace(self, kv=kv, length=n, tokens=self.tokens[:n],
                                digest=int(kv_digest(kv)[0]), next_token=None,
                                first_emitted=False)
@@ -299,17 +301,18 @@ def prefill_work(t_len: int, length: int, weight_bytes: int) -> dict[str, float]
   """Step-time features of one prefill call (`jaxsun.serving.sim.stepmodel.FEATURES`)."""
   return dict(calls=1.0, steps=0.0, prefill_tokens=float(t_len),
               prefill_attn=float(t_len * length), decode_rows=0.0, kv_tokens=0.0,
-              weight_bytes=float(weight_bytes))
+              weight_bytes=float(weight_bytes), inserts=0.0)
 
 
-def decode_work(steps: int, tokens: int, kv_tokens: int, weight_bytes: int) -> dict[str, float]:
+def decode_work(steps: int, tokens: int, kv_tokens: int, weight_bytes: int,
+                inserts: int = 0) -> dict[str, float]:
   """Step-time features of one decode chunk: `steps` steps that emitted `tokens` tokens
-  in all (the decode batch summed over steps: host work per token scales with it) and
-  read `kv_tokens` KV slots per step (this engine computes every slot over its window:
-  slots * window)."""
+  in all (the decode batch summed over steps: host work per token scales with it), read
+  `kv_tokens` KV slots per step (this engine computes every slot over its window:
+  slots * window), after admitting `inserts` requests into the batch."""
   return dict(calls=1.0, steps=float(steps), prefill_tokens=0.0, prefill_attn=0.0,
               decode_rows=float(tokens), kv_tokens=float(steps * kv_tokens),
-              weight_bytes=float(steps * weight_bytes))
+              weight_bytes=float(steps * weight_bytes), inserts=float(inserts))
 
 
 @dataclasses.dataclass
@@ -364,6 +367,7 @@ class Engine:
                                                                     chunk, pad_id)
     self.step_log: list[LoggedStep] | None = None  # set to [] to record every device call
     self._dispatched: dict[int, tuple] = {}  # id(chunk tokens) -> what its log entry needs
+    self._inserts: list[float] = []  # when each insert since the last chunk began
     self._last_fetch = 0.0
 
   def clock(self) -> float:
@@ -375,12 +379,12 @@ class Engine:
     tokens = np.asarray(chunk.tokens)
     entry = self._dispatched.pop(id(chunk.tokens), None)
     if entry is not None:
-      dispatched, module, kv_tokens, wbytes = entry
+      dispatched, module, kv_tokens, wbytes, inserts = entry
       end = time.monotonic()
       start = max(dispatched, self._last_fetch)
       self._last_fetch = end
       steps = int(np.sum(np.any(tokens >= 0, axis=0)))
-      work = decode_work(steps, int(np.sum(tokens >= 0)), kv_tokens, wbytes)
+      work = decode_work(steps, int(np.sum(tokens >= 0)), kv_tokens, wbytes, len(inserts))
       self.step_log.append(LoggedStep(module, work, end - start, start))
     return tokens
 
@@ -446,11 +450,12 @@ class Engine:
       if base is None:
         kv = self._empty_kv(length)
       else:
-        kv = _resize(base, length=length).replace(lengths=jnp.full((1,), cached, jnp.int32))
+        kv = _resize(base, length=length)
+        kv = kv.replace(lengths=kv.lengths * 0 + cached)
       chunk = np.full((1, t_len), self.pad_id, np.int32)
       chunk[0, :new] = tokens[cached:n_cache]
       if new == 0:  # the whole prompt is cached: recompute the last position for logits
-        kv = kv.replace(lengths=jnp.full((1,), cached - 1, jnp.int32))
+        kv = kv.replace(lengths=kv.lengths * 0 + (cached - 1))
         chunk[0, 0] = tokens[cached - 1]
         new = 1
       logits, kv = _prefill_call(params.split, kv, jnp.asarray(chunk),
@@ -484,12 +489,14 @@ class Engine:
     """An empty slotted store (every row free)."""
     s = self.slots
     cache = _empty_cache(self.cfg, self.capacity, batch=s)
-    return DecodeState(
+    # Committed to the device, like every store a chunk returns: one signature (one
+    # compilation) for insert / generate / free whatever the store has been through.
+    return jax.device_put(DecodeState(
         cache=cache, tokens=jnp.zeros((s,), jnp.int32), active=jnp.zeros((s,), bool),
         remaining=jnp.zeros((s,), jnp.int32), step=jnp.zeros((s,), jnp.int32),
         keys=jnp.zeros((s, 2), jnp.uint32), temperature=jnp.zeros((s,), jnp.float32),
         top_p=jnp.ones((s,), jnp.float32), top_k=jnp.zeros((s,), jnp.int32),
-        stop_ids=jnp.full((s, MAX_STOP_IDS), -1, jnp.int32))
+        stop_ids=jnp.full((s, MAX_STOP_IDS), -1, jnp.int32)), jax.devices()[0])
 
   def insert(self, prefix: Prefix, decode_state: DecodeState, slot: int, *,
              sampling: SamplingParams, valid_producers, eos_id: int | None = None,
@@ -512,6 +519,8 @@ class Engine:
     """
     if not isinstance(prefix, Prefix):
       raise TypeError(f"prefix must be a Prefix, got {type(prefix).__name__}")
+    if self.step_log is not None:
+      self._inserts.append(time.monotonic())
     if prefix.kv.max_len > self.capacity:
       raise InsertError("prefix", f"KV of {prefix.kv.max_len} slots > capacity {self.capacity}")
     emitted, budget, stops, done = self.check_insert(prefix, slot, sampling=sampling,
@@ -576,8 +585,11 @@ class Engine:
     state, chunk = decode_slots(params.split, decode_state, jnp.asarray(n, jnp.int32),
                                 size=self.chunk, kv_len=kv_len, pad_id=self.pad_id)
     if self.step_log is not None:
-      self._dispatched[id(chunk.tokens)] = (time.monotonic(), module_key("decode", params),
-                                            self.slots * kv_len, params.nbytes)
+      # The chunk's work starts with the admissions before it (their host work).
+      t0 = min([time.monotonic(), *self._inserts])
+      self._dispatched[id(chunk.tokens)] = (t0, module_key("decode", params),
+                                            self.slots * kv_len, params.nbytes, self._inserts)
+    self._inserts = []
     return state, chunk
 
   def warm_up(self, prefill_params=(), decode_params=(), *, sampling=None) -> int:
@@ -597,6 +609,7 @@ class Engine:
       for p in prefill_params:
         tok = (self.pad_id + 1) % self.cfg.vocab_size
         extra = 1 if p.last_prompt_token == "decode" else 0  # the decode tree's token
+        mine = {}
         for cached in sorted({0, *sizes, *(s - 1 for s in sizes)}):
           if cached + extra >= self.capacity:
             continue
@@ -604,7 +617,15 @@ class Engine:
           for new in [1, *sizes]:
             if cached + new + extra <= self.capacity:
               prefix, _ = self.prefill(p, (tok,) * (cached + new + extra), existing_prefix=hit)
-              by_size.setdefault(prefix.kv.max_len, prefix)
+              mine.setdefault(prefix.kv.max_len, prefix)
+              calls += 1
+        by_size = {**mine, **by_size}
+        # Hits cut from longer entries (a prefix cache truncates what it stores).
+        for _, big in sorted(mine.items()):
+          for cached in (c for c in sorted({1, *sizes}) if c < big.length):
+            hit = big.truncated(cached)
+            for new in (n for n in [1, *sizes] if cached + n + extra <= self.capacity):
+              self.prefill(p, (tok,) * (cached + new + extra), existing_prefix=hit)
               calls += 1
       windows = {self.kv_len_for(n): n for n in range(self.capacity - self.chunk + 1)}
       for d in decode_params:
@@ -616,6 +637,13 @@ class Engine:
           state, chunk = self.generate(d, state, max_live_length=live)
           self.fetch(chunk)
           calls += 1
+        # A store a chunk returned is committed to its device: another signature for
+        # insert and free than a fresh one's.
+        for slot, size in enumerate(sorted(by_size)):
+          state = self.insert(by_size[size], state, slot % self.slots, sampling=sampling,
+                              valid_producers={by_size[size].producer})
+          state = self.free(state, slot % self.slots)
+          calls += 2
     finally:
       self.step_log = log
     return calls

@@ -25,6 +25,7 @@ recomputed; tokens already streamed are checked, not resent), and Prometheus met
 from __future__ import annotations
 
 import dataclasses
+import sys
 import threading
 import time
 from typing import Mapping
@@ -43,6 +44,7 @@ from jaxsun.serving.workers import (ColocatedWorker, DecodeWorker, Job, PrefillW
 from jaxsun.split import SplitModel, check_split
 
 KINDS = ("conventional", "sun", "prefillshare", "colocated")
+SWITCH_INTERVAL_S = 0.0005  # GIL switch interval while worker threads run (see start)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +183,7 @@ class ServingSystem:
                      "retries": 0, "corrupt_kv": 0, "tokens": 0}
     self._threads: list[threading.Thread] = []
     self._stop = threading.Event()
+    self._switch_interval: float | None = None
     if start:
       self.start()
 
@@ -270,7 +273,16 @@ class ServingSystem:
   # -- runtime
 
   def start(self) -> None:
-    """Starts one thread per worker."""
+    """Starts one thread per worker.
+
+    Worker threads hand requests to each other and to the caller's event loop; with
+    CPython's default 5 ms GIL switch interval every handoff can wait that long (a decode
+    chunk of a small model takes about as much), so the interval is lowered to
+    SWITCH_INTERVAL_S while the system runs (restored by `shutdown`).
+    """
+    if self._switch_interval is None:
+      self._switch_interval = sys.getswitchinterval()
+      sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
     for w in self.prefill_workers + self.decode_workers:
       t = threading.Thread(target=self._loop, args=(w,), name=w.worker_id, daemon=True)
       t.start()
@@ -555,6 +567,9 @@ class ServingSystem:
         w.cv.notify_all()
     for t in self._threads:
       t.join(timeout=5)
+    if self._switch_interval is not None:
+      sys.setswitchinterval(self._switch_interval)
+      self._switch_interval = None
     for job in list(self.inflight.values()):
       self._fail(job, RequestFailed("server shut down before the request finished"))
 

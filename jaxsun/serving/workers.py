@@ -156,11 +156,16 @@ class PrefillWorker:
     hit = None if self.cache is None or n_cache == 0 else self.cache.lookup(
         params.tree_id, req.prompt, max_length=n_cache)
     job.record.prefill_start = self.engine.clock()
+    log = self.engine.step_log
+    n_logged = None if log is None else len(log)
     prefix, _ = self.engine.prefill(params, req.prompt, existing_prefix=hit, model=req.model,
                                     sampling=req.sampling)
     if self.cache is not None:
       self.cache.put(prefix)
     job.record.prefill_end = self.engine.clock()
+    if log is not None and len(log) == n_logged + 1:  # the step as this worker spent it
+      log[-1].seconds = job.record.prefill_end - job.record.prefill_start
+      log[-1].start = job.record.prefill_start
     job.record.cached_prompt_tokens = 0 if hit is None else hit.length
     job.record.prefill_worker = self.worker_id
     return prefix

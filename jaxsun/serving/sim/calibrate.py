@@ -1,7 +1,7 @@
 r"""Profile the engine on this device and write a versioned step-time calibration.
 
-    python -m jaxsun.serving.sim.calibrate \
-        --out=experiments/results/serving/calibration/cpu.json
+    python -m jaxsun.serving.sim.calibrate --mode=live \
+        --out=experiments/results/serving/calibration/cpu_live.json
 
 The engine logs every device call it makes (`Engine.step_log`: module, step-time
 features, measured seconds). Two sources of logs, fitted together or apart:
@@ -22,6 +22,7 @@ versions and the git commit it was measured at.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -60,6 +61,27 @@ def git_commit() -> str:
     return "unknown"
 
 
+def save_steps(records: Sequence[StepRecord], path: str) -> None:
+  """The logged steps a calibration was fitted to (gzipped JSON lines), so it can be
+  refitted or audited without measuring again."""
+  import gzip  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+
+  tmp = path + ".tmp"
+  with gzip.open(tmp, "wt") as f:
+    for r in records:
+      f.write(json.dumps(r.to_dict()) + "\n")
+  os.replace(tmp, path)
+
+
+def load_steps(path: str) -> list[StepRecord]:
+  import gzip  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+
+  with gzip.open(path, "rt") as f:
+    return [StepRecord.from_dict(json.loads(line)) for line in f if line.strip()]
+
+
 def to_records(logged) -> list[StepRecord]:
   """`Engine.step_log` entries as StepRecords (zero-length ones dropped)."""
   return [StepRecord(e.module, StepFeatures(**e.work), e.seconds) for e in logged
@@ -83,9 +105,24 @@ def enable_step_logs(system) -> None:
     e.step_log = []
 
 
-def collect_steps(system) -> list[StepRecord]:
-  """The device calls every engine of `system` logged (`enable_step_logs`)."""
-  return [r for e in _engines(system) for r in to_records(e.step_log or [])]
+def collect_steps(system, cores: int | None = None) -> list[StepRecord]:
+  """The device calls every engine of `system` logged (`enable_step_logs`).
+
+  With `cores`, each step's time is divided by the processor sharing it met: the mean
+  number of the system's engines busy during it over `cores` (when above 1). Worker
+  threads of a CPU engine share its cores; the simulator puts that sharing back
+  (`SimDevice.contention`) for whatever concurrency its own runs have.
+  """
+  logged = [e for eng in _engines(system) for e in (eng.step_log or []) if e.seconds > 0]
+  if cores and logged:
+    start = np.array([e.start for e in logged])
+    end = start + np.array([e.seconds for e in logged])
+    overlap = np.clip(np.minimum(end[:, None], end[None, :]) -
+                      np.maximum(start[:, None], start[None, :]), 0, None).sum(axis=1)
+    busy = overlap / (end - start)  # self included: >= 1
+    factor = np.maximum(1.0, busy / cores)
+    logged = [dataclasses.replace(e, seconds=e.seconds / f) for e, f in zip(logged, factor)]
+  return to_records(logged)
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -255,6 +292,61 @@ def profile_calibration(*, base: str = DEFAULT_BASE, slots: int = 8, capacity: i
   return cal, records
 
 
+def live_calibration(*, loads: Sequence[float] = (0.3, 0.6, 0.9), seed_offset: int = 1000,
+                     scale: float = 1.0, base: str = DEFAULT_BASE, name: str | None = None,
+                     progress: bool = False) -> tuple[Calibration, list[StepRecord]]:
+  """Fits the steps the engine logged while serving: the validation cases' workloads
+  (`jaxsun.serving.sim.validate.default_cases`) with other seeds, at `loads` of each
+  case's saturation, so the calibration never sees the traces it is validated on.
+
+  Returns:
+    (calibration, the records it was fitted to).
+  """
+  from jaxsun.serving.sim import validate  # pylint: disable=import-outside-toplevel
+  from jaxsun.serving.engine import Engine, Params  # pylint: disable=import-outside-toplevel
+  from jaxsun.serving.transfer import KVTransfer  # pylint: disable=import-outside-toplevel
+  from jaxsun.serving.workload import make_workload  # pylint: disable=import-outside-toplevel
+
+  records: list[StepRecord] = []
+  cases = validate.default_cases(scale)
+  device, _ = environment()
+  # Worker threads share a CPU's cores: log times with that sharing divided out.
+  cores = device["cpu_count"] if device["platform"] == "cpu" else None
+  for case in cases:
+    sat = validate.saturation(case, base, repeats=1)
+    for load in loads:
+      for case_run in _policy_variants(case):
+        spec = dataclasses.replace(case.workload, rate=validate.arrival_rate(case, load, sat),
+                                   seed=case.workload.seed + seed_offset)
+        validate.run_engine(case, make_workload(spec), case_run, base, step_log=records,
+                            cores=cores)
+    if progress:
+      print(f"  {case.name}: saturation {sat:.1f} req/s, {len(records)} steps so far",
+            flush=True)
+  split = validate._base(base)  # pylint: disable=protected-access
+  dep = cases[0].deployment
+  engine = Engine(split.cfg, slots=dep.slots, capacity=dep.capacity, chunk=dep.chunk)
+  rng = np.random.default_rng(seed_offset)
+  p = Params.prefill_of(split)
+  prefixes = [engine.prefill(p, tuple(int(t) for t in rng.integers(1, split.cfg.vocab_size,
+                                                                    size=n)))[0]
+              for n in (8, 32, 96, dep.capacity // 2)]
+  transports = {"in_process": time_transfers(KVTransfer(), prefixes)}
+  cal = calibrate(records, name=name or f"{device['platform']}-{base.split(':')[-1]}-live",
+                  transports=transports, engine={**engine_info(engine, base),
+                                                 "host_cores": cores},
+                  notes=f"steps logged by live deployments ({', '.join(c.name for c in cases)})"
+                  f" at loads {list(loads)} of saturation, trace seeds +{seed_offset}")
+  return cal, records
+
+
+def _policy_variants(case):
+  if case.policies is None:
+    return [case.deployment]
+  field, names = case.policies
+  return [dataclasses.replace(case.deployment, **{field: n}) for n in names]
+
+
 def main(argv: Sequence[str] | None = None) -> Calibration:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--out", required=True, help="calibration JSON to write")
@@ -265,14 +357,30 @@ def main(argv: Sequence[str] | None = None) -> Calibration:
   ap.add_argument("--prefill-samples", type=int, default=120)
   ap.add_argument("--decode-samples", type=int, default=160)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--mode", choices=("live", "sweep"), default="live",
+                  help="live: steps logged while serving the validation workloads (other "
+                  "seeds); sweep: an isolated sweep of the engine's calls")
+  ap.add_argument("--scale", type=float, default=1.0, help="live: trace size multiplier")
+  ap.add_argument("--refit", default=None,
+                  help="fit the steps a previous run saved (<out>.steps.jsonl.gz) again, "
+                  "measuring nothing")
   args = ap.parse_args(argv)
   t0 = time.perf_counter()
-  cal, records = profile_calibration(base=args.base, slots=args.slots,
-                                     capacity=args.capacity, chunk=args.chunk,
-                                     prefill_samples=args.prefill_samples,
-                                     decode_samples=args.decode_samples, seed=args.seed,
-                                     progress=True)
+  if args.refit:
+    old = Calibration.load(args.refit.replace(".steps.jsonl.gz", ""))
+    records = load_steps(args.refit)
+    cal = dataclasses.replace(old, modules=fit(records, seed=args.seed),
+                              notes=old.notes + " (refitted)")
+  elif args.mode == "live":
+    cal, records = live_calibration(base=args.base, scale=args.scale, progress=True)
+  else:
+    cal, records = profile_calibration(base=args.base, slots=args.slots,
+                                       capacity=args.capacity, chunk=args.chunk,
+                                       prefill_samples=args.prefill_samples,
+                                       decode_samples=args.decode_samples, seed=args.seed,
+                                       progress=True)
   cal.save(args.out)
+  save_steps(records, args.out + ".steps.jsonl.gz")
   for key, m in sorted(cal.modules.items()):
     print(f"{key}: {m.n_train} steps, use={m.use}, held-out MAPE linear "
           f"{_pct(m.linear_mape)} table {_pct(m.table_mape)}")

@@ -94,12 +94,25 @@ class SimPrefix:
 
 @dataclasses.dataclass
 class SimDevice:
-  """One simulated accelerator: its worker's host clock and when its queue drains."""
+  """One simulated accelerator: its worker's host clock and when its queue drains.
+
+  `shared` lists every device on one host when they share `cores` processors (the CPU
+  engine: each worker is a thread): work starting while more devices are busy than there
+  are cores is stretched by busy / cores (processor sharing at the start of the call).
+  """
 
   name: str
   host: float = 0.0
   free_at: float = 0.0
   busy_s: float = 0.0  # device time spent (utilisation = busy_s / elapsed)
+  shared: list | None = None
+  cores: int = 0
+
+  def contention(self, start: float) -> float:
+    if not self.shared or not self.cores:
+      return 1.0
+    busy = 1 + sum(d is not self and d.free_at > start for d in self.shared)
+    return max(1.0, busy / self.cores)
 
 
 @dataclasses.dataclass
@@ -154,6 +167,7 @@ class SimEngine(Engine):
     seconds = self.calibration.predict(module, StepFeatures(**work))
     dev = self.device
     start = max(dev.host, dev.free_at)
+    seconds *= dev.contention(start)
     dev.free_at = start + seconds
     dev.busy_s += seconds
     if self.step_log is not None:
@@ -212,6 +226,7 @@ class SimEngine(Engine):
     _, budget, _, done = self.check_insert(prefix, slot, sampling=sampling,
                                            valid_producers=valid_producers, eos_id=eos_id,
                                            verify=verify)
+    self._inserts.append(self.device.host)
     decode_state.active[slot] = not done and budget > 0
     decode_state.remaining[slot] = max(budget, 0)
     decode_state.lengths[slot] = prefix.length
@@ -226,12 +241,13 @@ class SimEngine(Engine):
     live = np.flatnonzero(ds.active)
     emit = np.minimum(ds.remaining[live], n)  # tokens each live row emits in this chunk
     steps = int(emit.max()) if live.size else 0
-    tokens = int(emit.sum())
+    tokens, inserts = int(emit.sum()), len(self._inserts)
+    self._inserts = []
     if self.layout == "static":
       work = decode_work(steps, tokens, self.slots * self.kv_len_for(max_live_length),
-                         params.nbytes)
+                         params.nbytes, inserts)
     else:  # paged: step j reads the KV of the rows still live, each its own length
-      work = decode_work(steps, tokens, 0, params.nbytes)
+      work = decode_work(steps, tokens, 0, params.nbytes, inserts)
       work["kv_tokens"] = float(sum(int(np.sum(np.where(emit > j, ds.lengths[live] + j + 1, 0)))
                                     for j in range(steps)))
     for row, k in zip(live, emit):

@@ -11,9 +11,11 @@ logged engine steps (`StepRecord`):
     cal.save("calibrations/cpu-2core-tiny.json")
     seconds = Calibration.load(path).predict("decode", StepFeatures(steps=8, ...))
 
-The linear model is `coef . features`, fitted by non-negative least squares on relative error
-(the metric is MAPE); the table model corrects it locally with the medians of logged points.
-The fit keeps whichever did better on held-out records. KV transfers cost
+The linear model is `coef . features`, fitted by non-negative least squares (unbiased in
+total time, which a simulator's queues integrate); the table
+model corrects it locally with the means of logged points. Held-out MAPE picks between
+them, unless the better one misses the held-out total time by more than MAX_BIAS.
+KV transfers cost
 `alpha + bytes / bandwidth`.
 
 Only numpy and scipy: the simulator runs where jax is absent or must not be initialised.
@@ -35,10 +37,11 @@ from scipy import optimize
 SCHEMA_VERSION = 1
 
 FEATURES = ("calls", "steps", "prefill_tokens", "prefill_attn", "decode_rows", "kv_tokens",
-            "weight_bytes")
+            "weight_bytes", "inserts")
 
 MIN_SECONDS = 1e-9  # predictions are clamped here: a step never takes zero time
 TABLE_K = 4  # nearest table points averaged by `ModuleModel.from_table`
+MAX_BIAS = 0.1  # a predictor missing the held-out total time by more is not chosen
 MIN_HELDOUT_RECORDS = 8  # below this, `fit_module` fits on everything and reports no MAPE
 
 
@@ -88,6 +91,8 @@ class StepFeatures:
     decode_rows: sum over steps of rows computed (decode batch size x steps).
     kv_tokens: sum over steps of KV tokens read by attention.
     weight_bytes: weight bytes read (one pass per prefill call, one per decode step).
+    inserts: requests admitted into the decode batch for this chunk (receiving the KV,
+      checking its digest, writing it into the store: host and device work per request).
   """
   calls: float = 1.0
   steps: float = 0.0
@@ -96,6 +101,7 @@ class StepFeatures:
   decode_rows: float = 0.0
   kv_tokens: float = 0.0
   weight_bytes: float = 0.0
+  inserts: float = 0.0
 
   def __post_init__(self):
     for name in FEATURES:
@@ -161,7 +167,7 @@ class ModuleModel:
 
   Attributes:
     coef: FEATURES name -> seconds per unit (>= 0); a missing name counts as 0.
-    table: (feature vector in FEATURES order, median seconds) points.
+    table: (feature vector in FEATURES order, mean seconds) points.
     use: which predictor `predict` uses, "linear" or "table".
     heldout_mape: held-out MAPE of the chosen predictor, percent (None: not measured).
     linear_mape: held-out MAPE of the linear predictor.
@@ -175,6 +181,7 @@ class ModuleModel:
   linear_mape: float | None = None
   table_mape: float | None = None
   n_train: int = 0
+  heldout_bias: float | None = None  # held-out sum(predicted) / sum(measured) - 1
 
   def __post_init__(self):
     if not isinstance(self.coef, Mapping):
@@ -202,6 +209,10 @@ class ModuleModel:
     object.__setattr__(self, "table", tuple(table))
     for name in ("heldout_mape", "linear_mape", "table_mape"):
       object.__setattr__(self, name, _optional_float(name, getattr(self, name)))
+    if self.heldout_bias is not None:
+      if not math.isfinite(float(self.heldout_bias)):
+        raise ValueError(f"heldout_bias={self.heldout_bias!r} must be finite")
+      object.__setattr__(self, "heldout_bias", float(self.heldout_bias))
     # Precomputed arrays (not fields: equality and serialisation ignore them); the
     # simulator predicts many times per model.
     c = np.array([coef.get(name, 0.0) for name in FEATURES], np.float64)
@@ -265,6 +276,7 @@ class ModuleModel:
         "linear_mape": self.linear_mape,
         "table_mape": self.table_mape,
         "n_train": self.n_train,
+        "heldout_bias": self.heldout_bias,
     }
 
   @classmethod
@@ -488,11 +500,13 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, cols: np.ndarray) -> dict[str, flo
   if not cols.any():
     return coef
   a = x[:, cols]
-  # Dividing rows by the measured time makes NNLS minimise relative error; scaling the
-  # columns (bytes ~1e10 next to calls ~1) keeps it well conditioned.
+  # Plain least squares: with the per-call column the residuals sum to zero, so the model
+  # is unbiased in total time, which queues and throughput integrate (a relative-error
+  # fit lands below the mean of right-skewed timings). Scaling the columns (bytes ~1e10
+  # next to calls ~1) keeps NNLS well conditioned.
   scale = np.abs(a).max(axis=0)
   scale[scale == 0] = 1.0  # a requested all-zero column gets a zero coefficient
-  c, _ = optimize.nnls(a / scale / y[:, None], np.ones_like(y))
+  c, _ = optimize.nnls(a / scale, y)
   for name, value in zip(np.asarray(FEATURES)[cols], c / scale):
     coef[str(name)] = float(value)
   return coef
@@ -502,7 +516,7 @@ def _table(x: np.ndarray, y: np.ndarray) -> tuple[tuple[tuple[float, ...], float
   groups = collections.defaultdict(list)
   for v, t in zip(x, y):
     groups[tuple(float(e) for e in v)].append(float(t))
-  return tuple((v, float(np.median(ts))) for v, ts in groups.items())
+  return tuple((v, float(np.mean(ts))) for v, ts in groups.items())
 
 
 def fit_module(records: Sequence[StepRecord], *, heldout_fraction: float = 0.25,
@@ -510,8 +524,8 @@ def fit_module(records: Sequence[StepRecord], *, heldout_fraction: float = 0.25,
   """Fits one module's step-time model to its logged records.
 
   A seeded permutation splits the records into train and held-out parts. The linear model
-  is fitted on the train part by NNLS on relative error, over the FEATURES columns not all
-  zero there (or `features`); the table holds the train part's median time per distinct
+  is fitted on the train part by NNLS (least squares), over the FEATURES columns
+  not all zero there (or `features`); the table holds the train part's mean time per distinct
   feature vector. The predictor with the lower held-out MAPE is chosen (ties: linear), then
   coefficients and table are refitted on all records, keeping the held-out MAPEs. With
   fewer than MIN_HELDOUT_RECORDS records everything is fitted at once, MAPEs are None and
@@ -557,12 +571,19 @@ def fit_module(records: Sequence[StepRecord], *, heldout_fraction: float = 0.25,
   trial = ModuleModel(coef=_fit_linear(x[train], y[train], columns(train)),
                       table=_table(x[train], y[train]))
   held_features = [records[i].features for i in held]
-  linear_mape = mape([trial.linear(f) for f in held_features], y[held])
-  table_mape = mape([trial.from_table(f) for f in held_features], y[held])
-  use = "table" if table_mape < linear_mape else "linear"
+  pred = {"linear": [trial.linear(f) for f in held_features],
+          "table": [trial.from_table(f) for f in held_features]}
+  errs = {k: mape(v, y[held]) for k, v in pred.items()}
+  bias = {k: float(np.sum(v) / np.sum(y[held]) - 1.0) for k, v in pred.items()}
+  # The lower held-out MAPE, unless that predictor misses the total time by more than
+  # MAX_BIAS (a simulator's queues integrate it) and the other does not.
+  use = "table" if errs["table"] < errs["linear"] else "linear"
+  other = "linear" if use == "table" else "table"
+  if abs(bias[use]) > MAX_BIAS and abs(bias[other]) < abs(bias[use]):
+    use = other
   return ModuleModel(coef=_fit_linear(x, y, columns(everything)), table=_table(x, y), use=use,
-                     heldout_mape=table_mape if use == "table" else linear_mape,
-                     linear_mape=linear_mape, table_mape=table_mape, n_train=n)
+                     heldout_mape=errs[use], linear_mape=errs["linear"],
+                     table_mape=errs["table"], heldout_bias=bias[use], n_train=n)
 
 
 def fit(records: Sequence[StepRecord], **kw) -> dict[str, ModuleModel]:

@@ -91,13 +91,19 @@ class SimSystem(ServingSystem):
     layout: "static" (this engine's decode work) or "paged" (`SimEngine`).
     transport: which of the calibration's transports KV moves over.
     eos_id: as ServingSystem (simulated outputs never stop early).
+    host_cores: the devices share this many processors (`SimDevice.contention`); default
+      the calibration's `engine["host_cores"]` (a CPU engine's), None for accelerators.
   """
 
   def __init__(self, config: DeploymentConfig, models: Mapping[str, object],
                calibration: Calibration, *, layout: str = "static",
                transport: str = "in_process", eos_id: int | None = None,
-               tokenizer: str = "byte"):
+               tokenizer: str = "byte", host_cores: int | None = -1):
     self.calibration, self.layout, self.transport = calibration, layout, transport
+    if host_cores == -1:
+      host_cores = calibration.engine.get("host_cores")
+    self.host_cores = host_cores
+    self._shared: list = []
     self.now = 0.0
     self.devices: dict[str, SimDevice] = {}
     self._heap: list = []
@@ -120,7 +126,11 @@ class SimSystem(ServingSystem):
 
   def _engine(self, worker_id: str) -> SimEngine:
     name = worker_id.split("/")[0]  # a colocated worker's prefill engine shares its device
-    device = self.devices.setdefault(name, SimDevice(name))
+    if name not in self.devices:
+      self.devices[name] = SimDevice(name, shared=self._shared if self.host_cores else None,
+                                     cores=self.host_cores or 0)
+      self._shared.append(self.devices[name])
+    device = self.devices[name]
     c = self.config
     return SimEngine(self.cfg, calibration=self.calibration, device=device, slots=c.slots,
                      capacity=c.capacity, chunk=c.chunk, layout=self.layout)

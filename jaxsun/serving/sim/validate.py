@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import pathlib
+import statistics
 import time
 from typing import Any, Mapping, Sequence
 
@@ -75,15 +76,19 @@ def default_cases(scale: float = 1.0) -> list[Case]:
                          capacity=256, chunk=16, max_inflight=4096, max_queue=4096)
   cases = [Case("sun-1P1D", dep, {"math": "sun"},
                 WorkloadSpec(models=("math",), num_requests=n, seed=1, **lengths))]
+  # Multi-turn sessions on PrefillShare's shared prefill pool: routing a turn to the
+  # worker that holds its session's context (cache-aware) prefills only the new tokens;
+  # round robin finds the context on the other worker half the time and prefills it all.
   pol = DeploymentConfig(kind="prefillshare", prefill_workers=2, decode_workers=1, slots=8,
                          capacity=256, chunk=16, max_inflight=4096, max_queue=4096)
   cases.append(Case(
-      "prefillshare-2P1D-policies", pol, {"planner": "prefillshare"},
-      WorkloadSpec(models=("planner",), kind="shared_prefix", num_groups=4,
-                   prompts_per_group=max(2, int(40 * scale)), shared_prefix_len=112,
-                   prompt_len=LengthDist.uniform(8, 24), output_len=LengthDist.uniform(8, 24),
-                   vocab=(1, 250), seed=2),
-      policies=("prefill_policy", ("round_robin", "least_loaded", "cache_aware"))))
+      "prefillshare-2P1D-prefill-policies", pol, {"planner": "prefillshare"},
+      WorkloadSpec(models=("planner",), kind="sessions", num_sessions=max(4, n // 4),
+                   turns=4, prompt_len=LengthDist.uniform(64, 112),
+                   output_len=LengthDist.uniform(8, 24), observation_len=LengthDist.uniform(8, 24),
+                   max_context_len=256, vocab=(1, 250), seed=2),
+      policies=("prefill_policy", ("round_robin", "cache_aware")),
+      rank_metric="mean_ttft_ms", policy_load=0.6))
   return cases
 
 
@@ -118,7 +123,7 @@ def summary_of(records, duration_s: float, n_devices: int) -> dict[str, Any]:
   s = metrics.summarize(records, max(duration_s, 1e-9), n_devices=n_devices)
   out = {k: s[k] for k in ("completed", "failed", "rejected", "output_throughput",
                            "request_throughput", "prefix_hit_rate", "mean_ttft_ms",
-                           "mean_tpot_ms")}
+                           "mean_tpot_ms", "mean_e2el_ms", "median_e2el_ms")}
   for m in COMPARED:
     for q in QUANTILES:
       out[f"{q}_{m}"] = s[f"{q}_{m}"]
@@ -128,7 +133,7 @@ def summary_of(records, duration_s: float, n_devices: int) -> dict[str, Any]:
 
 def run_engine(case: Case, items, deployment: DeploymentConfig | None = None,
                base: str = "shipped:llama_bytes", warmup: bool = True,
-               step_log: list | None = None) -> dict[str, Any]:
+               step_log: list | None = None, cores: int | None = None) -> dict[str, Any]:
   """Replays `items` on the real engine; the server-side records' summary (and the
   engines' logged steps appended to `step_log` if given)."""
   from jaxsun.serving.bench import run_workload  # pylint: disable=import-outside-toplevel
@@ -143,7 +148,7 @@ def run_engine(case: Case, items, deployment: DeploymentConfig | None = None,
     result = run_workload(system, items)
     if step_log is not None:
       from jaxsun.serving.sim.calibrate import collect_steps  # pylint: disable=import-outside-toplevel
-      step_log.extend(collect_steps(system))
+      step_log.extend(collect_steps(system, cores))
     server = {r.request_id: r for r in system.records}
     records = [server.get(r.request_id, r) for r in result.records]
     n_dev = len(system.prefill_workers) + len(system.decode_workers)
@@ -163,10 +168,38 @@ def run_sim(case: Case, items, calibration: Calibration, twins: Mapping,
   return summary_of(result.records, result.duration_s, n_dev)
 
 
-def saturation(case: Case, base: str = "shipped:llama_bytes") -> float:
-  """The engine's request throughput with the whole trace sent at t=0 (req/s)."""
-  items = make_workload(dataclasses.replace(case.workload, rate=math.inf))
-  return run_engine(case, items, base=base)["request_throughput"]
+def arrival_rate(case: Case, load: float, saturation_req_s: float) -> float:
+  """The workload `rate` that offers `load` x saturation requests per second (a sessions
+  workload's rate counts sessions, each `turns` requests)."""
+  per = case.workload.turns if case.workload.kind == "sessions" else 1
+  return load * saturation_req_s / per
+
+
+def saturation(case: Case, base: str = "shipped:llama_bytes", repeats: int = 5) -> float:
+  """The engine's request throughput with the whole trace sent at t=0 (req/s): the
+  median of `repeats` runs (a loaded CPU is noisy)."""
+  rates = []
+  for r in range(repeats):
+    items = make_workload(dataclasses.replace(case.workload, rate=math.inf,
+                                              seed=case.workload.seed + 7919 * r))
+    rates.append(run_engine(case, items, base=base)["request_throughput"])
+  return float(statistics.median(rates))
+
+
+def mean_std(summaries: Sequence[Mapping]) -> tuple[dict, dict]:
+  """Per-key mean and (population) std over runs, for numeric keys defined in all."""
+  mean, std = {}, {}
+  for key in summaries[0]:
+    vals = [s.get(key) for s in summaries]
+    if all(isinstance(v, (int, float)) and v is not None for v in vals):
+      mean[key] = float(statistics.fmean(vals))
+      std[key] = float(statistics.pstdev(vals)) if len(vals) > 1 else 0.0
+  return mean, std
+
+
+def sim_twins_of(case: Case, base: str = "shipped:llama_bytes"):
+  """The simulated twins of a case's task models (the engine's tree ids and sizes)."""
+  return _twins(case, base)
 
 
 def _twins(case: Case, base: str):
@@ -209,54 +242,102 @@ def compare(engine: Mapping, sim: Mapping, median_tol: float, p99_tol: float) ->
 
 
 def validate(calibration: Calibration, *, cases: Sequence[Case] | None = None,
-             loads: Sequence[float] = DEFAULT_LOADS, median_tol: float = 0.15,
-             p99_tol: float = 0.25, base: str = "shipped:llama_bytes",
-             progress: bool = True) -> dict[str, Any]:
-  """Runs every case on the engine and the simulator; the report (see the module doc)."""
+             loads: Sequence[float] = DEFAULT_LOADS, seeds: int = 3,
+             median_tol: float = 0.15, p99_tol: float = 0.25,
+             base: str = "shipped:llama_bytes", progress: bool = True) -> dict[str, Any]:
+  """Runs every case on the engine and the simulator; the report (see the module doc).
+
+  Each (case, load) runs `seeds` traces (the case's seed, +1, ...); figures are compared
+  on their means over the seeds, and both sides' std is reported.
+  """
   cases = list(default_cases() if cases is None else cases)
   report = {"calibration": calibration.name, "calibration_source": calibration.source,
             "device": calibration.device, "base": base, "loads": list(loads),
-            "median_tol": median_tol, "p99_tol": p99_tol, "cases": []}
+            "seeds": seeds, "median_tol": median_tol, "p99_tol": p99_tol, "cases": []}
+  cores = calibration.engine.get("host_cores")
+  fold_steps: list[list] = [[] for _ in range(seeds)]  # engine steps of trace seed k
   for case in cases:
     t0 = time.perf_counter()
     sat = saturation(case, base)
     entry = {"name": case.name, "deployment": dataclasses.asdict(case.deployment),
              "kinds": dict(case.kinds), "workload": _spec_dict(case.workload),
              "saturation_req_s": sat, "runs": []}
-    runs = []
     if case.policies is None:
       runs = [(load, None) for load in loads]
     else:
       runs = [(case.policy_load, pol) for pol in case.policies[1]]
     for load, pol in runs:
-      dep = case.deployment if pol is None else dataclasses.replace(
-          case.deployment, **{case.policies[0]: pol})
-      items = make_workload(dataclasses.replace(case.workload, rate=load * sat))
-      eng = run_engine(case, items, dep, base)
-      entry["runs"].append({"load": load, "policy": pol, "rate": load * sat, "engine": eng})
+      dep = _deployment(case, pol)
+      engine_runs = []
+      rate = arrival_rate(case, load, sat)
+      for k in range(seeds):
+        items = make_workload(dataclasses.replace(case.workload, rate=rate,
+                                                  seed=case.workload.seed + k))
+        engine_runs.append(run_engine(case, items, dep, base, step_log=fold_steps[k],
+                                      cores=cores))
+      entry["runs"].append({"load": load, "policy": pol, "rate": rate,
+                            "engine_runs": engine_runs})
       if progress:
+        m, _ = mean_std(engine_runs)
         print(f"[{case.name}] load {load:.2f}{'' if pol is None else ' ' + pol}: engine "
-              f"ttft p50 {eng['median_ttft_ms']:.1f} ms, tpot p50 {eng['median_tpot_ms']:.2f} ms")
+              f"ttft p50 {m['median_ttft_ms']:.1f} ms, tpot p50 {m['median_tpot_ms']:.2f} ms",
+              flush=True)
     entry["wall_s"] = time.perf_counter() - t0
     report["cases"].append(entry)
   twins = {c.name: _twins(c, base) for c in cases}
-  return resimulate(report, calibration, cases=cases, twins=twins)
+  folds = fold_calibrations(calibration, fold_steps)
+  out = resimulate(report, folds, cases=cases, twins=twins)
+  given = resimulate(report, calibration, cases=cases, twins=twins)
+  out["given_calibration"] = {"name": calibration.name, "passed": given["passed"],
+                              "cases": given["cases"]}
+  out["_folds"] = folds  # written beside the report by `write`, then dropped
+  return out
 
 
-def resimulate(report: Mapping, calibration: Calibration, *, cases: Sequence[Case],
-               twins: Mapping[str, Mapping]) -> dict[str, Any]:
-  """The simulator side of a report (its engine measurements kept) under `calibration`."""
-  report = json.loads(json.dumps(report))  # a copy
-  report["calibration"] = calibration.name
+def fold_calibrations(calibration: Calibration, fold_steps: Sequence[Sequence]
+                      ) -> list[Calibration]:
+  """Calibration k is fitted to the engine steps logged while serving every trace but
+  those of seed k, so the traces it is compared on are never in its fit, while its steps
+  come from the same minutes of this machine (a shared CPU drifts between runs)."""
+  from jaxsun.serving.sim.stepmodel import fit  # pylint: disable=import-outside-toplevel
+
+  out = []
+  for k in range(len(fold_steps)):
+    steps = [r for j, fs in enumerate(fold_steps) if j != k for r in fs]
+    out.append(dataclasses.replace(
+        calibration, name=f"{calibration.name}-fold{k}", modules=fit(steps),
+        notes=f"fitted to the validation's engine steps of every trace seed but {k} "
+        f"({len(steps)} steps); transports from {calibration.name}"))
+  return out
+
+
+def _deployment(case: Case, policy: str | None) -> DeploymentConfig:
+  if policy is None:
+    return case.deployment
+  return dataclasses.replace(case.deployment, **{case.policies[0]: policy})
+
+
+def resimulate(report: Mapping, calibration: Calibration | Sequence[Calibration], *,
+               cases: Sequence[Case], twins: Mapping[str, Mapping]) -> dict[str, Any]:
+  """The simulator side of a report (its engine measurements kept) under `calibration`,
+  or under per-seed calibrations (`fold_calibrations`: seed k's traces under the k-th)."""
+  report = json.loads(json.dumps({k: v for k, v in report.items() if k != "_folds"}))
+  cals = [calibration] if isinstance(calibration, Calibration) else list(calibration)
+  report["calibration"] = ", ".join(c.name for c in cals)
   by_name = {c.name: c for c in cases}
   passed = True
   for entry in report["cases"]:
     case = by_name[entry["name"]]
     for run in entry["runs"]:
-      dep = case.deployment if run["policy"] is None else dataclasses.replace(
-          case.deployment, **{case.policies[0]: run["policy"]})
-      items = make_workload(dataclasses.replace(case.workload, rate=run["rate"]))
-      run["sim"] = run_sim(case, items, calibration, twins[case.name], dep)
+      dep = _deployment(case, run["policy"])
+      run["sim_runs"] = []
+      for k in range(len(run["engine_runs"])):
+        items = make_workload(dataclasses.replace(case.workload, rate=run["rate"],
+                                                  seed=case.workload.seed + k))
+        run["sim_runs"].append(run_sim(case, items, cals[k % len(cals)], twins[case.name],
+                                       dep))
+      run["engine"], run["engine_std"] = mean_std(run["engine_runs"])
+      run["sim"], run["sim_std"] = mean_std(run["sim_runs"])
       run["compare"] = compare(run["engine"], run["sim"], report["median_tol"],
                                report["p99_tol"])
       if run["policy"] is None:
@@ -267,11 +348,34 @@ def resimulate(report: Mapping, calibration: Calibration, *, cases: Sequence[Cas
       rank_s = sorted(entry["runs"], key=lambda r: r["sim"][metric])
       entry["ranking"] = {"metric": metric,
                           "engine": [r["policy"] for r in rank_e],
-                          "sim": [r["policy"] for r in rank_s]}
+                          "sim": [r["policy"] for r in rank_s],
+                          "engine_values": {r["policy"]: r["engine"][metric] for r in rank_e},
+                          "sim_values": {r["policy"]: r["sim"][metric] for r in rank_s}}
       entry["ranking"]["same_best"] = rank_e[0]["policy"] == rank_s[0]["policy"]
       passed &= entry["ranking"]["same_best"]
   report["passed"] = bool(passed)
+  report["score"] = score(report)
   return report
+
+
+def score(report: Mapping) -> dict[str, Any]:
+  """How far the simulator is from the engine over a report's load cases: mean absolute
+  relative error of the medians and of the p99s, and rows within tolerance."""
+  med, p99, ok, n = [], [], 0, 0
+  for entry in report["cases"]:
+    for run in entry["runs"]:
+      if run["policy"] is not None:
+        continue
+      for key, row in run["compare"]["rows"].items():
+        if row["tol"] is None or row["rel_err"] is None:
+          continue
+        n += 1
+        ok += bool(row["ok"])
+        (med if key.startswith("median") else p99 if key.startswith("p99") else []).append(
+            abs(row["rel_err"]))
+  return {"median_abs_rel_err": statistics.fmean(med) if med else None,
+          "p99_abs_rel_err": statistics.fmean(p99) if p99 else None,
+          "rows_ok": ok, "rows": n}
 
 
 def _spec_dict(spec: WorkloadSpec) -> dict:
@@ -288,9 +392,16 @@ def markdown(report: Mapping) -> str:
            f"({report['device'].get('cpu_count')} CPUs). Tolerances: medians "
            f"{100 * report['median_tol']:.0f}%, p99 {100 * report['p99_tol']:.0f}%. "
            f"**{'PASSED' if report['passed'] else 'FAILED'}**", ""]
+  given = report.get("given_calibration")
+  if given:
+    lines += [f"The simulator runs seed k's traces under a calibration fitted to the engine "
+              f"steps of the other seeds' traces, logged in the same minutes "
+              f"(`fold_calibrations`). Under the calibration measured before the run "
+              f"(`{given['name']}`), the report {'passes' if given['passed'] else 'fails'}: "
+              + "; ".join(_worst(e) for e in given["cases"]), ""]
   for entry in report["cases"]:
     lines += [f"## {entry['name']} (saturation {entry['saturation_req_s']:.2f} req/s)", "",
-              "| load | policy | metric | engine | sim | error | ok |",
+              "| load | policy | metric | engine (mean ± std) | sim (mean ± std) | error | ok |",
               "|---|---|---|---|---|---|---|"]
     for run in entry["runs"]:
       for key, row in run["compare"]["rows"].items():
@@ -298,7 +409,8 @@ def markdown(report: Mapping) -> str:
           continue
         err = "n/a" if row["rel_err"] is None else f"{100 * row['rel_err']:+.1f}%"
         lines.append(f"| {run['load']:.2f} | {run['policy'] or '-'} | {key} | "
-                     f"{_f(row['engine'])} | {_f(row['sim'])} | {err} | "
+                     f"{_f(row['engine'])} ± {_f(run['engine_std'].get(key))} | "
+                     f"{_f(row['sim'])} ± {_f(run['sim_std'].get(key))} | {err} | "
                      f"{'' if row['ok'] is None else ('yes' if row['ok'] else 'NO')} |")
     if "ranking" in entry:
       r = entry["ranking"]
@@ -306,6 +418,16 @@ def markdown(report: Mapping) -> str:
                 f"{r['sim']}: same best: **{r['same_best']}**"]
     lines.append("")
   return "\n".join(lines) + "\n"
+
+
+def _worst(entry: Mapping) -> str:
+  errs = [(abs(row["rel_err"]), key, run["load"]) for run in entry["runs"]
+          for key, row in run["compare"]["rows"].items()
+          if row["tol"] is not None and row["rel_err"] is not None]
+  if not errs:
+    return entry["name"]
+  e, key, load = max(errs)
+  return f"{entry['name']}: worst {key} at load {load:.2f} off by {100 * e:.0f}%"
 
 
 def _f(x) -> str:
@@ -362,9 +484,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
   ap.add_argument("--out", required=True)
   ap.add_argument("--scale", type=float, default=1.0, help="trace size multiplier")
   ap.add_argument("--base", default="shipped:llama_bytes")
+  ap.add_argument("--resimulate", default=None,
+                  help="a report JSON: keep its engine measurements, rerun the simulator")
   args = ap.parse_args(argv)
   cal = Calibration.load(args.calibration)
-  report = validate(cal, cases=default_cases(args.scale), base=args.base)
+  cases = default_cases(args.scale)
+  if args.resimulate:
+    with open(args.resimulate) as f:
+      old = json.load(f)
+    names = {e["name"] for e in old["cases"]}
+    cases = [c for c in cases if c.name in names]
+    folds = [Calibration.load(f) for f in old.get("fold_calibration_files", [])]
+    report = resimulate(old, folds or cal, cases=cases,
+                        twins={c.name: _twins(c, args.base) for c in cases})
+  else:
+    report = validate(cal, cases=cases, base=args.base)
+    report["fold_calibration_files"] = []
+    for k, fc in enumerate(report.pop("_folds")):
+      path = pathlib.Path(args.out) / f"calibration_fold{k}.json"
+      path.parent.mkdir(parents=True, exist_ok=True)
+      fc.save(path)
+      report["fold_calibration_files"].append(str(path))
+  report["calibration_file"] = args.calibration
+  command = "python -m jaxsun.serving.sim.validate " + " ".join(
+      argv if argv is not None else __import__("sys").argv[1:])
+  if args.resimulate:  # the engine side came from the original command
+    report["resimulate_command"] = command
+  else:
+    report["command"] = command
   path = write(report, args.out)
   print(markdown(report))
   print(f"wrote {path}")
