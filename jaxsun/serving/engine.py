@@ -415,28 +415,10 @@ class Engine:
     Returns:
       (prefix, first token or None when the decode tree picks it).
     """
-    self._check_params(params, "params")
-    tokens = tuple(int(t) for t in np.asarray(tokens).reshape(-1))
-    n = len(tokens) if true_length is None else int(true_length)
-    if not 0 < n <= len(tokens):
-      raise RequestError("prompt", f"true_length={n} must be in [1, {len(tokens)}]")
-    tokens = tokens[:n]
-    if max(tokens) >= self.cfg.vocab_size:
-      raise RequestError("prompt", f"token id {max(tokens)} is outside the vocabulary "
-                         f"[0, {self.cfg.vocab_size})")
-    if n > self.capacity:
-      raise RequestError("prompt", f"{n} tokens exceed the KV capacity {self.capacity}")
+    tokens, n_cache, cached = self.check_prompt(params, tokens, true_length, existing_prefix)
     decode_first = params.last_prompt_token == "decode"
-    n_cache = n - 1 if decode_first else n
-    cached = 0
     base = None
     if existing_prefix is not None:
-      if existing_prefix.producer != params.tree_id:
-        raise InsertError("existing_prefix", f"was produced by tree "
-                          f"{existing_prefix.producer}, not by {params.tree_id}")
-      cached = min(existing_prefix.length, n_cache)
-      if existing_prefix.tokens[:cached] != tokens[:cached]:
-        raise InsertError("existing_prefix", "its tokens do not start the prompt")
       base = existing_prefix.kv if cached else None
     t0 = time.monotonic()
     work = None
@@ -479,6 +461,32 @@ class Engine:
       self.step_log.append(LoggedStep(module_key("prefill", params), work,
                                       time.monotonic() - t0, t0))
     return prefix, first
+
+  def check_prompt(self, params, tokens, true_length: int | None,
+                   existing_prefix=None) -> tuple[tuple[int, ...], int, int]:
+    """What `prefill` checks (RequestError / InsertError naming the argument) and derives:
+    (the prompt's tokens, how many go into the KV, how many of those are cached)."""
+    self._check_params(params, "params")
+    tokens = tuple(int(t) for t in np.asarray(tokens).reshape(-1))
+    n = len(tokens) if true_length is None else int(true_length)
+    if not 0 < n <= len(tokens):
+      raise RequestError("prompt", f"true_length={n} must be in [1, {len(tokens)}]")
+    tokens = tokens[:n]
+    if max(tokens) >= self.cfg.vocab_size:
+      raise RequestError("prompt", f"token id {max(tokens)} is outside the vocabulary "
+                         f"[0, {self.cfg.vocab_size})")
+    if n > self.capacity:
+      raise RequestError("prompt", f"{n} tokens exceed the KV capacity {self.capacity}")
+    n_cache = n - 1 if params.last_prompt_token == "decode" else n
+    cached = 0
+    if existing_prefix is not None:
+      if existing_prefix.producer != params.tree_id:
+        raise InsertError("existing_prefix", f"was produced by tree "
+                          f"{existing_prefix.producer}, not by {params.tree_id}")
+      cached = min(existing_prefix.length, n_cache)
+      if existing_prefix.tokens[:cached] != tokens[:cached]:
+        raise InsertError("existing_prefix", "its tokens do not start the prompt")
+    return tokens, n_cache, cached
 
   def _empty_kv(self, length: int) -> kv_cache.KVCache:
     return _empty_cache(self.cfg, length)

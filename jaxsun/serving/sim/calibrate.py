@@ -323,7 +323,7 @@ def live_calibration(*, loads: Sequence[float] = (0.3, 0.6, 0.9), seed_offset: i
     if progress:
       print(f"  {case.name}: saturation {sat:.1f} req/s, {len(records)} steps so far",
             flush=True)
-  split = validate._base(base)  # pylint: disable=protected-access
+  split = validate.base_model(base)
   dep = cases[0].deployment
   engine = Engine(split.cfg, slots=dep.slots, capacity=dep.capacity, chunk=dep.chunk)
   rng = np.random.default_rng(seed_offset)

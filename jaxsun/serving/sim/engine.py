@@ -28,9 +28,9 @@ import dataclasses
 import numpy as np
 
 from jaxsun.config import ModelConfig
-from jaxsun.serving.engine import (Engine, InsertError, LoggedStep, decode_work, module_key,
+from jaxsun.serving.engine import (Engine, LoggedStep, decode_work, module_key,
                                    prefill_plan, prefill_work)
-from jaxsun.serving.request import RequestError, SamplingParams
+from jaxsun.serving.request import SamplingParams
 from jaxsun.serving.sim.stepmodel import Calibration, StepFeatures
 
 SIM_TOKEN = 1
@@ -181,22 +181,9 @@ class SimEngine(Engine):
   def prefill(self, params, tokens, true_length: int | None = None, *,
               existing_prefix: SimPrefix | None = None, model: str = "",
               sampling: SamplingParams | None = None):
-    self._check_params(params, "params")
-    tokens = tuple(int(t) for t in np.asarray(tokens).reshape(-1))
-    n = len(tokens) if true_length is None else int(true_length)
-    if not 0 < n <= len(tokens):
-      raise RequestError("prompt", f"true_length={n} must be in [1, {len(tokens)}]")
-    tokens = tokens[:n]
-    if n > self.capacity:
-      raise RequestError("prompt", f"{n} tokens exceed the KV capacity {self.capacity}")
+    tokens, n_cache, cached = self.check_prompt(params, tokens, true_length,
+                                                existing_prefix)
     decode_first = params.last_prompt_token == "decode"
-    n_cache = n - 1 if decode_first else n
-    cached = 0
-    if existing_prefix is not None:
-      if existing_prefix.producer != params.tree_id:
-        raise InsertError("existing_prefix", f"was produced by tree "
-                          f"{existing_prefix.producer}, not by {params.tree_id}")
-      cached = min(existing_prefix.length, n_cache)
     slots_kv = 16
     if n_cache > 0:
       t_len, length = prefill_plan(n_cache, cached, self.capacity)

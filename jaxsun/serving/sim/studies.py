@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from jaxsun.serving import metrics
 from jaxsun.serving.sim.stepmodel import Calibration
+from jaxsun.serving.sim.validate import base_model, engine_models
 from jaxsun.serving.system import DeploymentConfig
 from jaxsun.serving.workload import LengthDist, WorkloadSpec, make_workload
 
@@ -90,7 +91,7 @@ class Backend:
     from jaxsun.config import ModelConfig  # pylint: disable=import-outside-toplevel
     if self.kind == "sim":
       return ModelConfig.preset(self.model)
-    return _base(self.base).cfg
+    return base_model(self.base).cfg
 
   def models(self, kinds: Mapping[str, str]) -> dict:
     """Task models of `kinds` (model -> sun / prefillshare / full / base)."""
@@ -112,14 +113,9 @@ class Backend:
     return sim_models(cfg, kinds, weight_bytes=weight_bytes(cfg, "bf16"), **kw)
 
   def _engine_models(self, kinds):
-    from jaxsun.serving import launch  # pylint: disable=import-outside-toplevel
-
-    base = _base(self.base)
-    models = {m: launch.build_task_model(m, "base" if k == "base" else f"{k}:random:{i + 1}",
-                                         base)
-              for i, (m, k) in enumerate(sorted(kinds.items()))}
+    models = engine_models(kinds, self.base)
     if self.decode_variant:
-      models = quantize_shared_decode(models, self.decode_variant, base)
+      models = quantize_shared_decode(models, self.decode_variant, base_model(self.base))
     return models
 
   def run(self, deployment: DeploymentConfig, kinds: Mapping[str, str], items,
@@ -154,16 +150,6 @@ class Backend:
     out["n_devices"] = n_dev
     out["attainment"] = (s["good_requests"] / len(records)) if records else 0.0
     return out
-
-
-_BASES: dict = {}
-
-
-def _base(spec: str):
-  if spec not in _BASES:
-    from jaxsun.serving import launch  # pylint: disable=import-outside-toplevel
-    _BASES[spec] = launch.load_base(spec)
-  return _BASES[spec]
 
 
 def quantize_shared_decode(models: Mapping, variant: str, base) -> dict:
@@ -461,7 +447,7 @@ def measure_decode_chunks(backend: Backend, st: SunStudy, *, repeats: int = 15) 
   from jaxsun.serving.engine import Engine, Params  # pylint: disable=import-outside-toplevel
   from jaxsun.serving.request import SamplingParams  # pylint: disable=import-outside-toplevel
 
-  base = _base(backend.base)
+  base = base_model(backend.base)
   engine = Engine(base.cfg, slots=st.slots, capacity=st.capacity, chunk=st.chunk)
   pre = Params.prefill_of(base)
   trees = {"full": Params.decode_of(base)}

@@ -98,20 +98,28 @@ def default_cases(scale: float = 1.0) -> list[Case]:
 def build_engine_system(case: Case, deployment: DeploymentConfig | None = None,
                         base: str = "shipped:llama_bytes"):
   """The real ServingSystem of a case (threads started)."""
-  from jaxsun.serving import launch  # pylint: disable=import-outside-toplevel
   from jaxsun.serving.system import ServingSystem  # pylint: disable=import-outside-toplevel
 
-  base_split = _base(base)
-  models = {m: launch.build_task_model(m, "base" if k == "base" else f"{k}:random:{i + 1}",
-                                       base_split)
-            for i, (m, k) in enumerate(sorted(case.kinds.items()))}
-  return ServingSystem(deployment or case.deployment, models, eos_id=None)
+  return ServingSystem(deployment or case.deployment, engine_models(case.kinds, base),
+                       eos_id=None)
+
+
+def engine_models(kinds: Mapping[str, str], base: str = "shipped:llama_bytes") -> dict:
+  """Task models of `kinds` (model -> sun / prefillshare / full / base) with random task
+  trees (seeded by the model's rank) over the base (`launch.build_task_model`)."""
+  from jaxsun.serving import launch  # pylint: disable=import-outside-toplevel
+
+  split = base_model(base)
+  return {m: launch.build_task_model(m, "base" if k == "base" else f"{k}:random:{i + 1}",
+                                     split)
+          for i, (m, k) in enumerate(sorted(kinds.items()))}
 
 
 _BASES: dict = {}
 
 
-def _base(spec: str):
+def base_model(spec: str):
+  """`launch.load_base(spec)`, loaded once per process."""
   if spec not in _BASES:
     from jaxsun.serving import launch  # pylint: disable=import-outside-toplevel
     _BASES[spec] = launch.load_base(spec)
