@@ -14,6 +14,54 @@ from typing import Any
 import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16", "float16")
+# How the softmax part of attention is computed (`jaxsun.nn.attention.sdpa`).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "naive")
+# Rematerialisation policies of a block (`jaxsun.nn.decoder.REMAT_POLICIES`).
+REMAT = ("none", "full", "dots", "dots_no_batch", "minimal")
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineConfig:
+  """The choices Affine-Scaled Attention's paper leaves open (papers.md §2.2).
+
+  out = [alpha(X) softmax(QK^T / sqrt(d)) + beta(X)] V, alpha = phi(X W_alpha) one scalar
+  per head per query token, beta = (alpha_ma - alpha) / N, alpha_ma an EMA of the
+  batch-mean alpha updated in training steps only (`jaxsun.nn.attention.AlphaEMA`).
+
+  Attributes:
+    n: N in beta. "full" (default, the paper's "key sequence length"): the model's
+      context `ModelConfig.max_len`, a constant, so every mode and every row of a padded
+      batch agree and the per-query mass alpha + beta (t + 1) varies per query. "visible":
+      the number of keys query t sees (t + 1); the weights of a row then sum to alpha_ma.
+    alpha_ma: granularity of the moving average: "head" (default, one per layer and
+      head) or "layer" (one scalar per layer).
+    rho: EMA decay (the paper: 0.9).
+    alpha_ma_init: alpha_ma before the first step (the paper: 0; a third-party port: 0.5).
+    w_init: W_alpha's initialiser: "normal" (default, N(0, init_std^2) like every
+      projection, so alpha starts near 0.5) or "zeros" (alpha = 0.5 exactly).
+    phi: "linear_clip" (default, eq. 11: clip(0.1 x + 0.5, 0, 1)) or "sigmoid" (the
+      paper's ablation).
+  """
+
+  n: str = "full"
+  alpha_ma: str = "head"
+  rho: float = 0.9
+  alpha_ma_init: float = 0.0
+  w_init: str = "normal"
+  phi: str = "linear_clip"
+
+  def __post_init__(self):
+    choices = {"n": ("full", "visible"), "alpha_ma": ("head", "layer"),
+               "w_init": ("normal", "zeros"), "phi": ("linear_clip", "sigmoid")}
+    for field, allowed in choices.items():
+      if getattr(self, field) not in allowed:
+        raise ValueError(f"AffineConfig.{field}={getattr(self, field)!r} is not one of "
+                         f"{allowed}.")
+    if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) \
+        or not 0.0 <= self.rho < 1.0:
+      raise ValueError(f"AffineConfig.rho={self.rho!r} must be a number in [0, 1).")
+    if isinstance(self.alpha_ma_init, bool) or not isinstance(self.alpha_ma_init, (int, float)):
+      raise ValueError(f"AffineConfig.alpha_ma_init={self.alpha_ma_init!r} must be a number.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +115,21 @@ class ModelConfig:
     tie_embeddings: the LM head reuses the token embedding matrix.
     param_dtype: dtype the parameters are stored in.
     compute_dtype: dtype of matmul inputs; norms, softmax and logits are float32.
-    attention: attention kind, a key of `jaxsun.nn.attention.ATTENTION_KINDS`.
+    attention: attention kind, a key of `jaxsun.nn.attention.ATTENTION_KINDS`:
+      "softmax", "off_by_one", "sink", "gated", "affine", "affine_gated".
+    attention_impl: how the softmax part runs: "auto" (default: cuDNN flash attention
+      on a GPU, Pallas splash attention on a TPU, when the shapes allow, else XLA's fused
+      `dot_product_attention`), "xla", "cudnn", "splash" (TPU: the causal training mask
+      with lengths a multiple of 128, XLA elsewhere; `jaxsun.nn.splash`), or "naive"
+      (the einsum reference that materialises float32 scores).
+    affine: Affine-Scaled Attention's options (`AffineConfig`); used by the affine kinds.
+    scan_layers: the blocks' parameters are stacked on a leading layer axis and run under
+      `jax.lax.scan` (one compiled block for any depth, as MaxText's `scan_layers`);
+      `jaxsun.nn.decoder.stack_layers` / `unstack_layers` convert between the layouts.
+    remat: what a block saves for the backward pass: "none" (everything), "full"
+      (nothing: recompute the block), "dots" (matmul outputs), "dots_no_batch" (matmul
+      outputs without batch dimensions, i.e. weights-only products) or "minimal" (the
+      attention output and the projections' outputs, by name).
     fp8: FP8 matmuls in the attention and MLP projections: "none", "delayed" (training:
       E4M3 forward, E5M2 gradients, delayed per-tensor scales) or "current" (inference:
       per-token / per-channel current scales). See `jaxsun.nn.fp8_linear`.
@@ -91,6 +153,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   attention: str = "softmax"
+  attention_impl: str = "auto"
+  affine: AffineConfig = AffineConfig()
+  scan_layers: bool = False
+  remat: str = "none"
   fp8: str = "none"
   init_std: float = 0.02
   name: str = "custom"
@@ -133,6 +199,15 @@ class ModelConfig:
     if self.fp8 not in ("none", "delayed", "current"):
       raise ValueError(f"ModelConfig.fp8={self.fp8!r} is not one of "
                        "('none', 'delayed', 'current').")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"ModelConfig.attention_impl={self.attention_impl!r} is not one of "
+                       f"{ATTENTION_IMPLS}.")
+    if not isinstance(self.affine, AffineConfig):
+      raise ValueError(f"ModelConfig.affine={self.affine!r} must be an AffineConfig.")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"ModelConfig.scan_layers={self.scan_layers!r} must be a bool.")
+    if self.remat not in REMAT:
+      raise ValueError(f"ModelConfig.remat={self.remat!r} is not one of {REMAT}.")
     from jaxsun.nn import attention  # pylint: disable=g-import-not-at-top  (registry)
     if self.attention not in attention.ATTENTION_KINDS:
       raise ValueError(
@@ -175,10 +250,22 @@ class ModelConfig:
     attn = d * self.q_dim + 2 * d * self.kv_dim + self.q_dim * d
     if self.qkv_bias:
       attn += self.q_dim + 2 * self.kv_dim
+    attn += self.attention_params()
     mlp = 3 * d * self.d_ff
     block = attn + mlp + 2 * d  # two RMSNorm scales
     head = 0 if self.tie_embeddings else d * self.vocab_size
     return self.vocab_size * d + self.n_layers * block + d + head
+
+  def attention_params(self) -> int:
+    """Trainable parameters a variant adds to each block (the papers' "Delta Params")."""
+    extra = 0
+    if self.attention in ("gated", "affine_gated"):
+      extra += self.d_model * self.q_dim  # W_gate: head-specific elementwise gate
+    if self.attention in ("affine", "affine_gated"):
+      extra += self.d_model * self.n_heads  # W_alpha: one alpha per head per token
+    if self.attention == "sink":
+      extra += self.n_heads  # one sink logit per head
+    return extra
 
   def flops_per_token(self, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward, PaLM appendix B style).

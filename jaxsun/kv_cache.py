@@ -74,3 +74,36 @@ def write_kv(cache: jax.Array, fresh: jax.Array, start: jax.Array,
                                                s, axis=0)
 
   return jax.vmap(row)(cache, fresh, start, lengths)
+
+
+def _sum_of_valid_v(layer: LayerCache, lengths: jax.Array) -> jax.Array:
+  valid = jnp.arange(layer.v.shape[1])[None, :, None, None] < lengths[:, None, None, None]
+  return jnp.sum(jnp.where(valid, layer.v.astype(jnp.float32), 0.0), axis=1)
+
+
+# Per-sequence state that can be rebuilt from the cached K/V alone, by state name: what a
+# shorter view of a cache (a prefix-cache hit, `truncate`) needs. "v_sum" is the running
+# sum of the valid values f32[B, Hkv, hd] (affine-scaled attention keeps it for decode).
+STATE_FROM_KV = {"v_sum": _sum_of_valid_v}
+
+
+def truncate(cache: KVCache, lengths: jax.Array) -> KVCache:
+  """The cache with only its first `lengths[b]` slots valid, variant state rebuilt.
+
+  Args:
+    cache: a cache whose rows hold at least `lengths` valid slots.
+    lengths: i32[B] new lengths (<= cache.lengths).
+
+  Raises:
+    ValueError: a variant keeps state that cannot be rebuilt from K/V (`STATE_FROM_KV`).
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  layers = []
+  for layer in cache.layers:
+    unknown = sorted(set(layer.state) - set(STATE_FROM_KV))
+    if unknown:
+      raise ValueError(f"cannot truncate a KV cache with attention state {unknown}: add a "
+                       "rebuild rule to jaxsun.kv_cache.STATE_FROM_KV")
+    layers.append(layer.replace(state={n: STATE_FROM_KV[n](layer, lengths).astype(x.dtype)
+                                       for n, x in layer.state.items()}))
+  return cache.replace(layers=tuple(layers), lengths=lengths)

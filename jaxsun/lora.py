@@ -16,6 +16,13 @@ its adapters only and the frozen tree can be shared.
 
 Dropout acts on the adapter's input, only when the trainer passes a dropout key
 (`Decoder.hidden(dropout_key=...)`); evaluation and generation never drop.
+
+Scanned models (`ModelConfig.scan_layers`): `targets` keeps its per-layer meaning
+("layers/3/attn/q_proj"). A dense layer of the stacked block is adapted when the regex
+matches its path for every layer i (some layers only: a ValueError, since the stacked
+block has one structure); its adapter is stacked too (`A: f32[L, in, rank]`), with the
+values the unrolled layout would get from the same key, and the base arrays are still
+shared, not copied.
 """
 
 from __future__ import annotations
@@ -75,9 +82,10 @@ class LoRALinear(nnx.Module):
   """`base(x) + (alpha / rank) · drop(x) @ A @ B` around a frozen dense layer.
 
   Args:
-    base: the wrapped `Linear` (or `Fp8Linear`); its arrays are kept, not copied.
+    base: the wrapped `Linear` (or `Fp8Linear`); its arrays are kept, not copied. In a
+      scanned model's stacked block its kernel is f[L, in, out].
     cfg: rank, alpha, dropout.
-    key: PRNG key for A's initialisation.
+    key: PRNG key for A's initialisation; for a stacked base, L keys (one per layer).
   """
 
   takes_dropout_key = True
@@ -86,12 +94,19 @@ class LoRALinear(nnx.Module):
     self.base = base
     self.in_features, self.out_features = base.in_features, base.out_features
     self.scale, self.dropout, self.rank = cfg.scale, cfg.dropout, cfg.rank
-    axes = base.kernel.get_metadata().get("out_sharding") or (None, None)
-    a = jax.random.normal(key, (self.in_features, cfg.rank), jnp.float32)
-    self.lora_a = nnx.LoRAParam(a / jnp.sqrt(self.in_features),  # f32[in, r]
-                                out_sharding=(axes[0], None), eager_sharding=False)
-    self.lora_b = nnx.LoRAParam(jnp.zeros((cfg.rank, self.out_features), jnp.float32),
-                                out_sharding=(None, axes[1]), eager_sharding=False)
+    lead = tuple(base.kernel.shape[:-2])  # (L,) in a scanned model's stacked block
+    axes = base.kernel.get_metadata().get("out_sharding") or (None,) * (len(lead) + 2)
+
+    def init_a(k):  # f32[in, r]
+      a = jax.random.normal(k, (self.in_features, cfg.rank), jnp.float32)
+      return a / jnp.sqrt(self.in_features)
+
+    a = jax.vmap(init_a)(key) if lead else init_a(key)  # f32[*lead, in, r]
+    self.lora_a = nnx.LoRAParam(a, out_sharding=tuple(axes[:-1]) + (None,),
+                                eager_sharding=False)
+    self.lora_b = nnx.LoRAParam(jnp.zeros(lead + (cfg.rank, self.out_features), jnp.float32),
+                                out_sharding=tuple(axes[:-2]) + (None, axes[-1]),
+                                eager_sharding=False)
 
   def delta(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """The adapter's output f32[..., out] (dropout on its input when `key` is given)."""
@@ -111,7 +126,7 @@ class LoRALinear(nnx.Module):
       raise TypeError(f"only adapters over a Linear can be merged; this one wraps a "
                       f"{type(self.base).__name__}")
     w = self.base.kernel[...]
-    update = self.scale * (self.lora_a[...] @ self.lora_b[...])
+    update = self.scale * (self.lora_a[...] @ self.lora_b[...])  # batched when stacked
     out = nnx.clone(self.base)
     out.kernel = nnx.Param((w.astype(jnp.float32) + update).astype(w.dtype),
                            **_sharding_meta(self.base.kernel))
@@ -141,17 +156,58 @@ def _set(root, path, value) -> None:
     setattr(parent, path[-1], value)
 
 
-def target_paths(model: Decoder, targets: str) -> list[tuple]:
-  """Paths of the dense layers (`Linear`, `Fp8Linear`) whose path matches `targets`."""
+def _layer_paths(model: Decoder, path: tuple) -> list[tuple]:
+  """The per-layer paths a module path stands for: itself, or in a scanned model's
+  stacked block ("layers", "attn", ...) the paths ("layers", i, "attn", ...)."""
+  if model.cfg.scan_layers and path and path[0] == "layers":
+    return [("layers", i) + tuple(path[1:]) for i in range(model.cfg.n_layers)]
+  return [path]
+
+
+def _targets(model: Decoder, targets: str) -> list[tuple[tuple, list[int]]]:
+  """[(module path, indices of its layers among all targets in unrolled order)].
+
+  The indices are what the unrolled layout enumerates (layer by layer), so a scanned
+  model's adapters get the same keys, hence the same values, as the unrolled model's.
+  """
   regex = re.compile(targets)
-  dense = [(p, m) for p, m in nnx.iter_modules(model)
+  dense = [p for p, m in nnx.iter_modules(model)
            if isinstance(m, (Linear, Fp8Linear)) and not _inside_adapter(model, p)]
-  found = [p for p, _ in dense if regex.fullmatch(_path(p))]
-  if not found:
-    names = sorted(_path(p) for p, _ in dense)
+  # The unrolled order: the stacked block's layers expand, layer-major, in place.
+  in_block = [p for p in dense if len(_layer_paths(model, p)) > 1]
+  order = []
+  for p in dense:
+    if p not in in_block:
+      order.append((p, p))
+    elif p == in_block[0]:
+      order.extend((q, lp) for lp_all in zip(*(_layer_paths(model, q) for q in in_block))
+                   for q, lp in zip(in_block, lp_all))
+  matched = [(p, lp) for p, lp in order if regex.fullmatch(_path(lp))]
+  if not matched:
+    names = sorted(_path(lp) for _, lp in order)
     raise ValueError(f"LoRAConfig.targets={targets!r} matches no dense layer; dense "
                      f"layers are e.g. {names[:6]}")
-  return found
+  found: dict[tuple, list[int]] = {}
+  for i, (p, _) in enumerate(matched):
+    found.setdefault(p, []).append(i)
+  for p, idx in found.items():
+    if len(idx) != len(_layer_paths(model, p)):
+      raise ValueError(
+          f"LoRAConfig.targets={targets!r} matches {_path(p)} in {len(idx)} of "
+          f"{model.cfg.n_layers} layers; a scanned model (ModelConfig.scan_layers) stacks "
+          "identical blocks, so target every layer or unstack the model first "
+          "(jaxsun.nn.decoder.unstack_layers)")
+  return list(found.items())
+
+
+def target_paths(model: Decoder, targets: str) -> list[tuple]:
+  """Paths of the dense layers (`Linear`, `Fp8Linear`) whose path matches `targets`.
+
+  In a scanned model a path of the stacked block ("layers/attn/q_proj") stands for all
+  its layers and is returned when `targets` matches every per-layer path
+  ("layers/<i>/attn/q_proj").
+  """
+  return [p for p, _ in _targets(model, targets)]
 
 
 def _inside_adapter(model, path) -> bool:
@@ -166,8 +222,10 @@ def adapt_module(model: Decoder, cfg: LoRAConfig, key: jax.Array) -> Decoder:
     raise ValueError("this tree already carries LoRA adapters")
   graphdef, state = nnx.split(model)
   out = nnx.merge(graphdef, state)  # fresh modules around the same arrays
-  for i, path in enumerate(target_paths(out, cfg.targets)):
-    _set(out, path, LoRALinear(_get(out, path), cfg, jax.random.fold_in(key, i)))
+  for path, idx in _targets(out, cfg.targets):
+    keys = [jax.random.fold_in(key, i) for i in idx]
+    stacked = len(_layer_paths(out, path)) > 1
+    _set(out, path, LoRALinear(_get(out, path), cfg, jnp.stack(keys) if stacked else keys[0]))
   return out
 
 

@@ -39,6 +39,9 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("cache_kv_heads", "tensor"),
     ("norm", None),
+    # The leading axis of a scanned model's stacked layers (`ModelConfig.scan_layers`):
+    # replicated, so each device holds every layer's shard of the other axes.
+    ("layers", None),
     ("length", None),
     ("cache_length", None),
     ("cache_head_dim", None),

@@ -38,6 +38,7 @@ from flax import struct
 
 from jaxsun import validation
 from jaxsun.config import ModelConfig
+from jaxsun.nn import decoder as decoder_lib
 from jaxsun.nn.decoder import Decoder, Mode
 
 TRAINABILITY = ("prefill", "decode", "both", "none")
@@ -121,6 +122,26 @@ class SplitModel:
 
   def decode_module(self) -> Decoder:
     return nnx.merge(self.decode_gd, self.decode_state)
+
+
+def with_layout(split: SplitModel, scan: bool) -> SplitModel:
+  """The split with both trees in the scanned (`scan=True`) or unrolled layer layout.
+
+  Returns `split` itself when it is already in that layout. Tying, `last_prompt_token`
+  and a distinct decode graph (adapters on one tree) are kept. Converting copies the
+  layer arrays (`jaxsun.nn.decoder.stack_layers`), also those an untied split shares
+  between its trees.
+  """
+  split = check_split(split)
+  if split.cfg.scan_layers == scan:
+    return split
+  gd, pre = nnx.split(decoder_lib.with_layout(split.prefill_module(), scan))
+  out = split.replace(graphdef=gd, prefill=pre)
+  if not split.tied:
+    gd_d, dec = nnx.split(decoder_lib.with_layout(split.decode_module(), scan))
+    out = out.replace(decode=dec,
+                      decode_graphdef=None if split.decode_graphdef is None else gd_d)
+  return out
 
 
 def check_split(split, arg: str = "split") -> SplitModel:

@@ -15,9 +15,16 @@ def test_parts_by_hand():
   est = memory.estimate_memory(cfg, trainability="prefill", untied=True, batch_size=8,
                                seq_len=32, accum_steps=2)
   assert est.params == 2 * n * 4 and est.trainable_state == 3 * n * 4
-  per_layer = 4 * (6 * 64 + 2 * 64 + 2 * 32 + 3 * 128) + 4 * 2 * 4 * 32
+  per_layer = 4 * (6 * 64 + 2 * 64 + 2 * 32 + 3 * 128) + 4 * 4  # fused: lse per head
   head = 4 * 2 * 128 + 4 * 64
   assert est.activations == 2 * 4 * 32 * (2 * per_layer + head)  # 2 trees, micro-batch 4
+  naive = memory.estimate_memory(cfg.replace(attention_impl="naive"), trainability="prefill",
+                                 untied=True, batch_size=8, seq_len=32, accum_steps=2)
+  naive_layer = per_layer - 4 * 4 + 4 * 2 * 4 * 32  # float32 scores and probabilities
+  assert naive.activations == 2 * 4 * 32 * (2 * naive_layer + head)
+  full = memory.estimate_memory(cfg.replace(remat="full"), trainability="prefill",
+                                untied=True, batch_size=8, seq_len=32, accum_steps=2)
+  assert full.activations == 2 * 4 * 32 * (2 * 4 * 64 + per_layer + head)
   assert est.total == est.params + est.trainable_state + est.activations
   sharded = memory.estimate_memory(cfg, trainability="prefill", untied=True, batch_size=8,
                                    seq_len=32, accum_steps=2, mesh_shape=(2, 2, 2))

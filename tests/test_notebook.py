@@ -81,3 +81,29 @@ def test_serving_notebook_executes(tmp_path, monkeypatch):
   assert "decode workers used: ['decode-shared-0']" in text  # one pool for both models
   assert "conventional decode workers: ['decode-code-0', 'decode-math-0']" in text
   assert any("image/png" in out.get("data", {}) for out in outputs(nb))  # the CDF plot
+
+
+def test_attention_variants_notebook_executes(tmp_path, monkeypatch):
+  import json  # pylint: disable=import-outside-toplevel
+  import math  # pylint: disable=import-outside-toplevel
+  nb = execute("attention_variants.ipynb", tmp_path, monkeypatch)
+  text = "\n".join(out.get("text", "") for out in outputs(nb)
+                   if out.get("output_type") == "stream")
+  for kind in ("softmax", "affine"):  # both variants trained (the trainer's progress lines)
+    assert f"trained {kind}: step 40/40" in text
+  per_layer = {}
+  for label in ("entropy per layer", "first-token mass per layer",
+                "per-query mass, mean per layer"):
+    for kind in ("softmax", "affine"):
+      values = json.loads(text.split(f"{label}: {kind} ")[1].split("\n")[0])
+      assert len(values) == 2 and all(math.isfinite(v) for v in values)  # two layers
+      per_layer[label, kind] = values
+  for kind in ("softmax", "affine"):  # entropy in (0, log T], T = 64 keys
+    assert all(0 < v <= math.log(64) + 1e-4 for v in per_layer["entropy per layer", kind])
+  assert per_layer["per-query mass, mean per layer", "softmax"] == [1.0, 1.0]
+  # The affine model's alpha_ma moved from its initial value (AffineConfig.alpha_ma_init).
+  assert "alpha_ma before training: [0.0]" in text
+  assert "alpha_ma moved from its initial value: True" in text
+  assert float(text.split("(max |change| ")[1].split(")")[0]) > 0
+  # Displayed plots: training curves, entropy | first-token mass side by side, alpha_ma.
+  assert sum("image/png" in out.get("data", {}) for out in outputs(nb)) == 3

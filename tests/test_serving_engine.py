@@ -257,3 +257,38 @@ def test_prefix_cache_evicts_least_recently_used_under_its_budget():
   assert cache.lookup(pre.tree_id, ps[1].tokens) is None
   assert cache.lookup(pre.tree_id, ps[0].tokens) is not None
   assert cache.lookup(pre.tree_id, ps[2].tokens) is not None
+
+
+def test_affine_attention_serves_through_the_engine_and_a_truncated_prefix_cache_hit():
+  """Affine attention keeps a running sum of V in the KV cache: the engine's decode steps,
+  inserts and a prefix-cache hit cut shorter than its entry all keep it right."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import jaxsun  # pylint: disable=import-outside-toplevel
+  cfg = sm.CFG.replace(attention="affine")
+  model = jaxsun.SplitModel.from_model(jaxsun.Decoder(cfg, rngs=nnx.Rngs(3)))
+  # Move alpha_ma off its initial 0 so that beta (and the sum of V) matter.
+  state = nnx.state(model.prefill_module())
+  for i in range(cfg.n_layers):
+    state["layers"][i]["attn"]["alpha_ma"][...] = jnp.full((cfg.n_heads,), 0.7)
+  model = model.replace(prefill=state)
+  eng = Engine(cfg, **ENG)
+  pre, dec = Params.prefill_of(model), Params.decode_of(model)
+  prompts = sm.prompts(3, seed=2)
+  assert run_engine(eng, pre, dec, prompts, 12) == sm.references(model, prompts, 12)
+  # A cached 40-token prefix, hit at 16 tokens by a prompt that diverges after them.
+  long = sm.prompts(1, seed=6, lo=40, hi=41)[0]
+  cache = PrefixCache(budget_bytes=1 << 30, block=16)
+  entry, _ = eng.prefill(pre, long)
+  cache.put(entry)
+  prompt = list(long[:16]) + [(t + 1) % cfg.vocab_size for t in long[16:30]]
+  hit = cache.lookup(pre.tree_id, prompt)
+  assert hit is not None and hit.length == 16
+  state_hit = hit.kv.layers[0].state["v_sum"]
+  fresh, _ = eng.prefill(pre, prompt[:16])
+  np.testing.assert_allclose(np.asarray(state_hit), np.asarray(fresh.kv.layers[0].state["v_sum"]),
+                             rtol=1e-5, atol=1e-6)
+  ext, first_ext = eng.prefill(pre, prompt, existing_prefix=hit)
+  full, first_full = eng.prefill(pre, prompt)
+  assert first_ext == first_full
+  np.testing.assert_allclose(np.asarray(ext.kv.layers[1].state["v_sum"]),
+                             np.asarray(full.kv.layers[1].state["v_sum"]), rtol=1e-5, atol=1e-6)

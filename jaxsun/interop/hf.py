@@ -19,6 +19,11 @@ scale are the same formulas.
 An untied split (a SUN or PrefillShare task model) exports as two complete checkpoints,
 `<dir>/prefill` and `<dir>/decode` (each loadable by transformers on its own), with a
 `jaxsun_split.json` naming the roles; `load_hf_split` reads it back.
+
+Layer layouts: `load_hf(..., scan_layers=True)` builds a scanned model
+(`ModelConfig.scan_layers`), reading each device's slice of every layer straight into
+the stacked arrays; exporting a scanned model writes the same per-layer tensors
+(`model.layers.{i}.…`) as the unrolled one.
 """
 
 from __future__ import annotations
@@ -102,8 +107,8 @@ def _rope(config: dict) -> tuple[float, RopeScaling | None]:
 
 
 def model_config(config: dict, *, param_dtype: str | None = None,
-                 compute_dtype: str | None = None, max_len: int | None = None
-                 ) -> ModelConfig:
+                 compute_dtype: str | None = None, max_len: int | None = None,
+                 scan_layers: bool = False, remat: str = "none") -> ModelConfig:
   """The `ModelConfig` of a Hugging Face `config.json` (a dict).
 
   Args:
@@ -112,6 +117,8 @@ def model_config(config: dict, *, param_dtype: str | None = None,
       (`dtype` / `torch_dtype`, else float32).
     compute_dtype: matmul input dtype; default: `param_dtype`.
     max_len: longest sequence; default `max_position_embeddings`.
+    scan_layers: `ModelConfig.scan_layers` (the layer layout; not in config.json).
+    remat: `ModelConfig.remat` (not in config.json).
   """
   arch = architecture(config)
   act = config.get("hidden_act", "silu")
@@ -150,7 +157,9 @@ def model_config(config: dict, *, param_dtype: str | None = None,
         norm_eps=_get(config, "rms_norm_eps", float, 1e-6),
         tie_embeddings=bool(config.get("tie_word_embeddings", False)),
         param_dtype=param_dtype,
-        compute_dtype=compute_dtype or param_dtype)
+        compute_dtype=compute_dtype or param_dtype,
+        scan_layers=scan_layers,
+        remat=remat)
   except ValueError as e:
     raise CheckpointError(f"config.json describes a model jaxsun cannot build: {e}") from None
 
@@ -230,19 +239,34 @@ def hf_name(path: tuple) -> tuple[str, bool]:
       "Qwen2 decoders export; merge LoRA adapters first with jaxsun.lora.merge_adapters)")
 
 
+def _stacked(path: tuple) -> bool:
+  """Whether a Decoder state path is a scanned model's stacked layer variable."""
+  return len(path) >= 2 and path[0] == "layers" and not isinstance(path[1], int)
+
+
+def hf_names(path: tuple, n_layers: int) -> tuple[list[str], bool]:
+  """([Hugging Face names], transposed?): one name, or one per layer of a stacked path."""
+  if not _stacked(path):
+    name, transposed = hf_name(path)
+    return [name], transposed
+  names = [hf_name(("layers", i) + tuple(path[1:])) for i in range(n_layers)]
+  return [n for n, _ in names], names[0][1]
+
+
 def _check_shapes(reader: safetensors_io.CheckpointReader, flat, directory: str,
-                  tied: bool) -> None:
+                  tied: bool, n_layers: int) -> None:
   # Some tied checkpoints also store the head; jaxsun's tied head is the embedding.
   expected = {"lm_head.weight"} if tied else set()
   for path, var in flat:
-    name, transposed = hf_name(path)
-    expected.add(name)
-    shape = tuple(var.get_value().shape)
+    names, transposed = hf_names(path, n_layers)
+    shape = tuple(var.get_value().shape)[1 if _stacked(path) else 0:]  # one layer's
     want = shape[::-1] if transposed else shape
-    got = reader.shape(name)
-    if got != want:
-      raise CheckpointError(f"tensor {name!r} in {directory} has shape {list(got)}; "
-                            f"config.json implies {list(want)}")
+    for name in names:
+      expected.add(name)
+      got = reader.shape(name)
+      if got != want:
+        raise CheckpointError(f"tensor {name!r} in {directory} has shape {list(got)}; "
+                              f"config.json implies {list(want)}")
   extra = [n for n in reader.names() if n not in expected and not _IGNORED.fullmatch(n)]
   if extra:
     raise CheckpointError(f"checkpoint {directory} has tensors jaxsun does not know "
@@ -264,23 +288,30 @@ def load_decoder_state(directory: str, cfg: ModelConfig, *, mesh: Mesh | None = 
   """(graphdef, state) of a Decoder with the checkpoint's weights, placed by `mesh`.
 
   Each array is built with `jax.make_array_from_callback`: a device asks for its own
-  slice and only that slice is read from the (memory-mapped) safetensors file.
+  slice and only that slice is read from the (memory-mapped) safetensors file. With
+  `cfg.scan_layers`, a stacked [L, ...] array's slice is read layer by layer.
   """
   abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(abstract)
   flat = list(nnx.to_flat_state(abstract_state))
   sharding_of = _sharding_fn(mesh, rules)
   with safetensors_io.CheckpointReader(directory) as reader:
-    _check_shapes(reader, flat, directory, cfg.tie_embeddings)
+    _check_shapes(reader, flat, directory, cfg.tie_embeddings, cfg.n_layers)
     out = []
     for path, var in flat:
-      name, transposed = hf_name(path)
+      names, transposed = hf_names(path, cfg.n_layers)
       dtype = var.get_value().dtype
 
-      def read(index, name=name, transposed=transposed, dtype=dtype):
+      def read_one(name, index, transposed=transposed, dtype=dtype):
         if transposed:  # our [in, out] slice is the HF [out, in] slice, transposed
           return reader.read(name, tuple(index[::-1])).T.astype(dtype)
         return reader.read(name, tuple(index)).astype(dtype)
+
+      def read(index, names=names, stacked=_stacked(path)):
+        if not stacked:
+          return read_one(names[0], index)
+        layers = range(len(names))[index[0]]  # this device's layers, [l, ...]
+        return np.stack([read_one(names[l], index[1:]) for l in layers])
 
       value = jax.make_array_from_callback(tuple(var.get_value().shape), sharding_of(var),
                                            read)
@@ -291,7 +322,8 @@ def load_decoder_state(directory: str, cfg: ModelConfig, *, mesh: Mesh | None = 
 def load_hf(directory: str, *, param_dtype: str | None = None,
             compute_dtype: str | None = None, max_len: int | None = None,
             mesh: Mesh | None = None, rules=parallel.DEFAULT_RULES,
-            last_prompt_token: str = "prefill") -> SplitModel:
+            last_prompt_token: str = "prefill", scan_layers: bool = False,
+            remat: str = "none") -> SplitModel:
   """A tied `SplitModel` from a Hugging Face checkpoint directory.
 
   Args:
@@ -303,23 +335,30 @@ def load_hf(directory: str, *, param_dtype: str | None = None,
       they are read; None: the first device.
     rules: logical-axis rules for `mesh`.
     last_prompt_token: as in `SplitModel`.
+    scan_layers: build the scanned layer layout (`ModelConfig.scan_layers`).
+    remat: `ModelConfig.remat` of the model.
   """
   cfg = model_config(safetensors_io.read_config(directory), param_dtype=param_dtype,
-                     compute_dtype=compute_dtype, max_len=max_len)
+                     compute_dtype=compute_dtype, max_len=max_len,
+                     scan_layers=scan_layers, remat=remat)
   graphdef, state = load_decoder_state(directory, cfg, mesh=mesh, rules=rules)
   return SplitModel(graphdef=graphdef, prefill=state, decode=None,
                     last_prompt_token=last_prompt_token)
 
 
 def decoder_tensors(state: nnx.State, *, dtype: str | None = None) -> dict[str, np.ndarray]:
-  """{HF name: host array [out, in]} of a Decoder's state, in `dtype` if given."""
+  """{HF name: host array [out, in]} of a Decoder's state (either layer layout), in
+  `dtype` if given."""
   out = {}
   for path, var in nnx.to_flat_state(state):
-    name, transposed = hf_name(path)
     value = np.asarray(jax.device_get(var.get_value()))
     if dtype is not None:
       value = value.astype(_DTYPES[dtype])
-    out[name] = value.T if transposed else value
+    names, transposed = hf_names(path, value.shape[0] if _stacked(path) else 1)
+    # A stacked [L, ...] array is sliced on the host: layer i -> model.layers.{i}.
+    values = list(value) if _stacked(path) else [value]
+    for name, v in zip(names, values):
+      out[name] = v.T if transposed else v
   return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
 
 

@@ -18,6 +18,7 @@ JOBS = {
     "codebook_quant": "jaxsun.jobs.codebook_quant:run",
     "finetune_split": "jaxsun.jobs.finetune_split:run",
     "eval_harness": "jaxsun.jobs.eval_harness:run",
+    "pretrain_attention": "jaxsun.jobs.pretrain_attention:run",
 }
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsun.nn import layers
+from jaxsun.nn.step_state import StepState
 from jaxsun.quant import fp8
 from pallas_kernels.fp8_matmul import fp8_matmul
 
@@ -29,8 +30,10 @@ _E4M3 = fp8.FP8_FORMATS["e4m3"]
 _E5M2 = fp8.FP8_FORMATS["e5m2"]
 
 
-class Fp8Meta(nnx.Variable):
+class Fp8Meta(StepState):
   """FP8 scaling state (amax history, scale): overwritten with its gradient, not trained."""
+
+  combine = "max"  # micro-batches' amax histories combine with max
 
 
 def _q(x: jax.Array, scale: jax.Array, fmt: fp8.Fp8Format) -> jax.Array:

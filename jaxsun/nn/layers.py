@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 
 def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
@@ -99,8 +100,10 @@ class SwiGLU(nnx.Module):
     self.down_proj = dense(d_ff, d_model, ("mlp", "embed"), **kw)
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    h = jax.nn.silu(dense_call(self.gate_proj, x, key, 0)) * dense_call(self.up_proj, x, key, 1)
-    return dense_call(self.down_proj, h, key, 2)
+    # Named for `remat="minimal"` (`jaxsun.nn.decoder.REMAT_POLICIES`); a no-op otherwise.
+    gate = checkpoint_name(dense_call(self.gate_proj, x, key, 0), "mlp_gate")  # [..., F]
+    up = checkpoint_name(dense_call(self.up_proj, x, key, 1), "mlp_up")  # [..., F]
+    return dense_call(self.down_proj, jax.nn.silu(gate) * up, key, 2)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling=None) -> jax.Array:

@@ -9,6 +9,10 @@ with `jaxsun.quant.codebook.quantize_linear`, and replaced in place of a copy of
 model by a `CodebookLinear`, which computes `x @ W` with
 `pallas_kernels.psumbook_gemm.psumbook_matmul` (Psumbook lookups for decode batches,
 dequantize-then-matmul for prefill).
+
+Patterns address the unrolled layout ("layers/<i>/..."). A scanned Decoder
+(`ModelConfig.scan_layers`) is quantized in the unrolled layout and stacked again, so a
+pattern keeps its per-layer meaning (it must then select the same layers of every block).
 """
 
 from __future__ import annotations
@@ -66,14 +70,25 @@ def _set(root, path, value) -> None:
     setattr(parent, path[-1], value)
 
 
+def _scanned(model) -> bool:
+  return bool(getattr(getattr(model, "cfg", None), "scan_layers", False))
+
+
 def select_linears(model: nnx.Module, pattern: str) -> dict[str, tuple]:
-  """{"layers/0/mlp/up_proj": path} of the `Linear`s whose path matches `pattern`."""
+  """{"layers/0/mlp/up_proj": path} of the `Linear`s whose path matches `pattern`.
+
+  Paths are those of `model`'s own layout; `quantize_model` unstacks a scanned Decoder
+  first, so its patterns use the per-layer paths.
+  """
   regex = re.compile(pattern)
   found = {"/".join(map(str, path)): path for path, mod in nnx.iter_modules(model)
            if isinstance(mod, Linear) and regex.fullmatch("/".join(map(str, path)))}
   if not found:
     names = ["/".join(map(str, p)) for p, m in nnx.iter_modules(model) if isinstance(m, Linear)]
-    raise ValueError(f"pattern {pattern!r} matches no Linear layer; layers: {names[:8]}...")
+    hint = (" (a scanned Decoder: unstack it with jaxsun.nn.decoder.unstack_layers for "
+            "per-layer paths)" if _scanned(model) else "")
+    raise ValueError(f"pattern {pattern!r} matches no Linear layer; layers: "
+                     f"{names[:8]}...{hint}")
   return found
 
 
@@ -103,11 +118,17 @@ def capture_inputs(model: nnx.Module, tokens: jax.Array, paths: dict[str, tuple]
     mod.__class__ = type("Recording" + type(mod).__name__, (type(mod),),
                          {"__call__": lambda self, x, out_dtype=None, _r=rec: _r(self, x,
                                                                              out_dtype)})
+  # The recorders keep concrete values: no tracing under `jax.checkpoint` (remat).
+  cfg = getattr(model, "cfg", None)
+  if getattr(cfg, "remat", "none") != "none":
+    model.cfg = cfg.replace(remat="none")
   try:
     model(tokens)
   finally:
     for mod in recorders.values():
       mod.__class__ = Linear
+    if cfg is not None:
+      model.cfg = cfg
   return {name: jnp.concatenate(xs, axis=0) for name, xs in store.items()}
 
 
@@ -117,8 +138,14 @@ def quantize_model(model: nnx.Module, calib_tokens: jax.Array, *, pattern: str,
   """A copy of `model` with the matching Linears codebook-quantized; returns (model, report).
 
   The report maps each layer to its relative output error after initialisation and after
-  each quantizer round.
+  each quantizer round. A scanned Decoder is quantized in the unrolled layout (per-layer
+  calibration inputs, per-layer `pattern`) and returned scanned.
   """
+  if _scanned(model):
+    from jaxsun.nn import decoder  # pylint: disable=g-import-not-at-top  (cycle via fp8)
+    qmodel, report = quantize_model(decoder.unstack_layers(model), calib_tokens,
+                                    pattern=pattern, fmt=fmt, cfg=cfg, backend=backend)
+    return decoder.stack_layers(qmodel), report
   paths = select_linears(model, pattern)
   for name, path in paths.items():
     mod = model

@@ -210,7 +210,9 @@ class Prefix:
       raise ValueError(f"n={n} must be in (0, {self.length}]")
     if n == self.length:  # the same KV: its digest holds (no device call)
       return dataclasses.replace(self, next_token=None, first_emitted=False)
-    kv = self.kv.replace(lengths=self.kv.lengths * 0 + n)  # placed like the KV it describes
+    # Placed like the KV it describes; running state (affine attention's sum of V) is
+    # rebuilt for the shorter length.
+    kv = kv_cache.truncate(self.kv, self.kv.lengths * 0 + n)
     return dataclasses.replace(self, kv=kv, length=n, tokens=self.tokens[:n],
                                digest=int(kv_digest(kv)[0]), next_token=None,
                                first_emitted=False)

@@ -14,6 +14,16 @@ temporary directory is ignored and cleaned up by the next manager.
     ckpt.save(step, state, meta={"data": it.get_state()})
     restored = ckpt.restore(state_like=state)      # None when there is nothing to resume
     ckpt.close()
+
+Layer layouts (`ModelConfig.scan_layers`): a checkpoint holds the model trees in the
+layout they were trained in (per-layer `layers/<i>/...` or stacked `layers/...` arrays,
+also in the optimizer moments). To restore one written in the other layout, say so:
+
+    state, meta = ckpt.restore(trainer.state, saved_scan_layers=False)  # into a scanned run
+    trainer.state = state
+
+which restores into a template converted to the saved layout and converts the result
+back (`convert_layout`; stacking copies the layer arrays once).
 """
 
 from __future__ import annotations
@@ -25,6 +35,44 @@ from typing import Any, Mapping
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from jaxsun.nn import decoder as decoder_lib
+
+# A mapping with these keys is (a tree shaped like) a Decoder's state.
+_DECODER_KEYS = frozenset({"embed", "layers", "final_norm"})
+
+
+def _is_decoder_state(x) -> bool:
+  return isinstance(x, Mapping) and _DECODER_KEYS <= set(x.keys())
+
+
+def convert_layout(tree: Any, scan: bool) -> Any:
+  """`tree` with every Decoder state in it (parameters, optimizer moments, ...) in the
+  scanned (`scan=True`) or unrolled layer layout; other leaves are kept.
+
+  Works on concrete arrays and on `jax.ShapeDtypeStruct` templates.
+  """
+
+  def one(x):
+    if not _is_decoder_state(x) or decoder_lib.state_is_scanned(x) == scan:
+      return x
+    return decoder_lib.stack_state(x) if scan else decoder_lib.unstack_state(x)
+
+  return jax.tree.map(one, tree, is_leaf=_is_decoder_state)
+
+
+def scan_layout(tree: Any) -> bool | None:
+  """The layout of the Decoder states in `tree`: True scanned, False unrolled, None none.
+
+  Raises:
+    ValueError: `tree` mixes the two layouts.
+  """
+  found = {decoder_lib.state_is_scanned(x)
+           for x in jax.tree.leaves(tree, is_leaf=_is_decoder_state)
+           if _is_decoder_state(x)}
+  if len(found) > 1:
+    raise ValueError("the tree holds Decoder states in both layer layouts")
+  return found.pop() if found else None
 
 
 class Checkpointer:
@@ -70,14 +118,24 @@ class Checkpointer:
                                            meta=ocp.args.JsonSave(dict(meta or {}))),
         force=True)
 
-  def restore(self, state_like: Any, step: int | None = None):
+  def restore(self, state_like: Any, step: int | None = None, *,
+              saved_scan_layers: bool | None = None):
     """Restores (state, meta) at `step` (default: the latest), or None if there is none.
 
     Args:
       state_like: a pytree with the structure, shapes and dtypes of the saved state
         (concrete arrays or `jax.ShapeDtypeStruct`s); arrays come back with its shardings.
       step: which step to restore.
+      saved_scan_layers: the layer layout the checkpoint was written in, when it differs
+        from `state_like`'s (`ModelConfig.scan_layers`): the state is restored in that
+        layout and converted to `state_like`'s (`convert_layout`). None: the same.
     """
+    want = scan_layout(state_like)
+    if saved_scan_layers is not None and want is not None and saved_scan_layers != want:
+      # Convert an abstract template (no array is copied for it), restore, convert back.
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state_like)
+      out = self.restore(convert_layout(abstract, saved_scan_layers), step)
+      return None if out is None else (convert_layout(out[0], want), out[1])
     step = self.latest_step() if step is None else step
     if step is None:
       return None

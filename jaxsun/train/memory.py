@@ -10,9 +10,11 @@ What is counted (bytes, per device, assuming every sharded dimension divides):
     split over fsdp x tensor;
   * trainable state: gradients plus AdamW's two moments (three copies of the trainable
     parameters, optax keeps the moments in the parameters' dtype), split the same way;
-  * activations of one micro-batch kept for the backward pass (no rematerialisation):
-    per layer and token the block's inputs and intermediates in the compute dtype plus
-    float32 attention scores and probabilities (2 x heads x seq_len), and float32 logits
+  * activations of one micro-batch kept for the backward pass: per layer and token the
+    block's inputs and intermediates in the compute dtype plus float32 attention scores
+    and probabilities (2 x heads x seq_len) for naive attention (a fused op keeps its
+    log-sum-exp), less under `ModelConfig.remat` ("full": the block input, plus one
+    layer recomputed at a time; "minimal": the named projections), and float32 logits
     and their gradient at the head; both trees' when untied (each runs over the
     sequence); split over data x fsdp (batch) and tensor;
   * optionally a KV cache for generation: 2 x layers x batch x length x kv_dim.
@@ -103,11 +105,21 @@ def estimate_memory(cfg: ModelConfig, *, trainability: str, untied: bool, batch_
   trainable_state = 3 * trainable_params * p_bytes / model_split
   micro = math.ceil(batch_size / accum_steps)
   d, h = cfg.d_model, cfg.n_heads
+  # Naive attention keeps float32 scores and probabilities; a fused op its log-sum-exp.
+  scores = 4 * 2 * h * seq_len if cfg.attention_impl == "naive" else 4 * h
   per_token_layer = (c_bytes * (6 * d + 2 * cfg.q_dim + 2 * cfg.kv_dim + 3 * cfg.d_ff)
-                     + 4 * 2 * h * seq_len)
+                     + scores)
+  # Remat keeps less per layer, and recomputes one layer's intermediates at a time.
+  recompute = 0
+  if cfg.remat == "full":
+    per_token_layer, recompute = c_bytes * d, per_token_layer
+  elif cfg.remat == "minimal":  # named q/k/v, attention output, MLP gate/up + the input
+    per_token_layer, recompute = (c_bytes * (d + 2 * cfg.q_dim + 2 * cfg.kv_dim
+                                             + 2 * cfg.d_ff), per_token_layer)
   per_token_head = 4 * 2 * cfg.vocab_size + c_bytes * d
   tokens = micro * seq_len
-  activations = trees * tokens * (cfg.n_layers * per_token_layer + per_token_head)
+  activations = trees * tokens * (cfg.n_layers * per_token_layer + recompute
+                                  + per_token_head)
   activations /= data * fsdp * tensor
   kv = 2 * cfg.n_layers * kv_batch * kv_len * cfg.kv_dim * c_bytes / (data * fsdp * tensor)
   return MemoryEstimate(params=int(params), trainable_state=int(trainable_state),

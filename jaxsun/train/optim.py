@@ -3,7 +3,8 @@
     opt = OptimizerConfig(learning_rate=3e-3, schedule="wsd", warmup_steps=20)
     tx, schedule = make_optimizer(opt, total_steps=400)
 
-Weight decay applies to matrices only (rank >= 2): decaying RMSNorm scales pulls them
+Weight decay applies to matrices only (rank >= 2, per layer: the leading layer axis of a
+scanned model's stacked block does not count): decaying RMSNorm scales pulls them
 toward 0, which is not the regulariser anyone means. Clipping is by the global norm of
 the gradients the optimizer sees, i.e. of the trainable trees only.
 """
@@ -83,8 +84,17 @@ def make_schedule(opt: OptimizerConfig, total_steps: int) -> optax.Schedule:
       [warmup, warmup + stable])
 
 
+def _stacked_layers(path) -> bool:
+  """Whether a tree path lies in a scanned model's stacked block ("layers", then a name
+  rather than a layer index): its arrays carry a leading layer axis."""
+  keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+  return any(a == "layers" and not isinstance(b, int) for a, b in zip(keys, keys[1:]))
+
+
 def _decay_mask(params):
-  return jax.tree.map(lambda x: getattr(x, "ndim", 0) >= 2, params)
+  # The rank of one layer's array: a scanned model decays what the unrolled one does.
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: getattr(x, "ndim", 0) - _stacked_layers(path) >= 2, params)
 
 
 def make_optimizer(opt: OptimizerConfig, total_steps: int

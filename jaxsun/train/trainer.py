@@ -19,6 +19,21 @@ alongside, never donated and never modified. In a trained tree with LoRA adapter
 Untied models train through a static `split_forward` window: from the task pipeline's
 `boundary_range` (one compiled window per dataset), else per batch, rounded to
 `jaxsun.split.WINDOW_BUCKET` so that few windows compile.
+
+Knowledge distillation (the Affine-Scaled Attention paper pretrains its students from a
+teacher): pass a teacher model and set `TrainConfig.distill_weight` w > 0,
+
+    trainer = Trainer(student, TrainConfig(steps=..., distill_weight=0.5,
+                                           distill_temperature=2.0), teacher=teacher)
+
+and each step minimises, per target token (the same loss mask as the cross-entropy),
+
+    (1 - w) * CE(student, token) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+(`distill_kl`). The teacher runs inside the jitted step under `stop_gradient`; it is
+passed alongside the state, never donated and never modified. The metrics then hold
+"loss" (that objective), "ce_loss" and "distill_kl" (the KL per target token, without
+the T^2 factor). With w = 0 a teacher is ignored and the step is the plain one.
 """
 
 from __future__ import annotations
@@ -38,9 +53,9 @@ from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxsun import parallel
-from jaxsun.nn.fp8_linear import Fp8Meta
-from jaxsun.split import (TRAINABILITY, SplitModel, combine, next_token_loss_sums,
-                          partition, prefill_window)
+from jaxsun.nn.step_state import StepState
+from jaxsun.split import (TRAINABILITY, SplitModel, check_split, combine,
+                          next_token_loss_sums, partition, prefill_window, split_forward)
 from jaxsun.train.optim import OptimizerConfig, make_optimizer
 
 BATCH_KEYS = ("tokens", "boundary", "loss_mask")
@@ -65,6 +80,9 @@ class TrainConfig:
     device_memory_gb: refuse to start (with the numbers) when the memory estimate per
       device (`jaxsun.train.memory`) exceeds this; 0: no check. The estimate is printed
       before the first step either way.
+    distill_weight: w in [0, 1], the weight of the distillation term (see the module
+      docstring); 0: no distillation. w > 0 needs a `Trainer(teacher=...)`.
+    distill_temperature: T > 0, the softmax temperature of both distributions in the KL.
   """
 
   steps: int
@@ -76,6 +94,8 @@ class TrainConfig:
   checkpoint_every: int = 0
   seed: int = 0
   device_memory_gb: float = 0.0
+  distill_weight: float = 0.0
+  distill_temperature: float = 1.0
 
   def __post_init__(self):
     if self.steps < 1:
@@ -89,6 +109,17 @@ class TrainConfig:
     for name in ("eval_every", "checkpoint_every"):
       if getattr(self, name) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+    w, t = self.distill_weight, self.distill_temperature
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= w <= 1.0:
+      raise ValueError(f"TrainConfig.distill_weight must be a number in [0, 1], got {w!r}")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
+        t > 0 and math.isfinite(t)):
+      raise ValueError(f"TrainConfig.distill_temperature must be a finite number > 0, got "
+                       f"{t!r}")
+
+  @property
+  def distills(self) -> bool:
+    return self.distill_weight > 0
 
 
 @struct.dataclass
@@ -141,6 +172,71 @@ def _loss_sums_jit(split: SplitModel, batch: dict, window=None):
                               window=window)
 
 
+def distill_kl(student_logits: jax.Array, teacher_logits: jax.Array,
+               temperature: float = 1.0) -> jax.Array:
+  """KL(softmax(teacher / T) || softmax(student / T)) over the last (vocabulary) axis.
+
+  Args:
+    student_logits, teacher_logits: f32[..., V] (any float dtype; computed in float32).
+    temperature: T > 0.
+
+  Returns:
+    f32[...], one KL (nats) per position.
+  """
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                     f"{tuple(teacher_logits.shape)} must have the same shape")
+  log_q = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / temperature, axis=-1)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def distill_loss_sums(split: SplitModel, teacher: SplitModel, tokens: jax.Array,
+                      boundary: jax.Array, loss_mask: jax.Array, *, weight: float,
+                      temperature: float, window=None, teacher_window=None,
+                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """The distillation objective's sums over the target tokens of a batch.
+
+  Per target token t (weight `loss_mask[:, t]`, position 0 never a target), predicted
+  at position t - 1: (1 - w) CE + w T^2 KL(p_teacher^T || q_student^T).
+
+  Args:
+    split: the student.
+    teacher: the teacher (same vocabulary); its logits are under `stop_gradient`.
+    tokens, boundary, loss_mask: the batch (`jaxsun.split.next_token_loss_sums`).
+    weight, temperature: w and T.
+    window, teacher_window: the static `split_forward` windows of student and teacher.
+    dropout_key: the student's dropout key (the teacher runs without dropout).
+
+  Returns:
+    (sum of the objective, {"count": sum of the mask, "ce_sum", "kl_sum"}), f32 scalars.
+  """
+  logits = split_forward(split, tokens, boundary, window=window, dropout_key=dropout_key)
+  t_logits = jax.lax.stop_gradient(
+      split_forward(teacher, tokens, boundary, window=teacher_window))
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  student = logits[:, :-1].astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(student, tokens[:, 1:])
+  kl = distill_kl(student, t_logits[:, :-1], temperature)
+  ce_sum, kl_sum = jnp.sum(ce * mask), jnp.sum(kl * mask)
+  objective = (1.0 - weight) * ce_sum + weight * temperature ** 2 * kl_sum
+  return objective, {"count": jnp.sum(mask), "ce_sum": ce_sum, "kl_sum": kl_sum}
+
+
+def check_teacher(teacher, student: SplitModel) -> SplitModel:
+  """`teacher` as a SplitModel (a Decoder is wrapped) if it can teach `student`."""
+  from jaxsun.nn.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  if isinstance(teacher, Decoder):
+    teacher = SplitModel.from_model(teacher)
+  teacher = check_split(teacher, "teacher")
+  tv, sv = teacher.cfg.vocab_size, student.cfg.vocab_size
+  if tv != sv:
+    raise ValueError(f"teacher ModelConfig.vocab_size={tv} differs from the student's "
+                     f"ModelConfig.vocab_size={sv}; distillation compares distributions "
+                     "over one vocabulary (use the same tokenizer)")
+  return teacher
+
+
 def batch_window(split: SplitModel, boundary, seq_len: int, fixed=None):
   """The static `split_forward` window for a batch's host-side `boundary`: `fixed` (a
   dataset-wide window) when every row's prefill boundary lies inside it, else one for
@@ -187,6 +283,9 @@ class Trainer:
     split: the model; its frozen trees are kept by reference and never modified, its
       trainable trees are copied (the copies are donated to the jitted step).
     config: the `TrainConfig`.
+    teacher: a SplitModel (or Decoder) to distill from when
+      `config.distill_weight > 0` (see the module docstring); kept by reference, never
+      donated or modified. Ignored when the weight is 0.
     mesh: a `jaxsun.parallel.make_mesh` (data, fsdp, tensor) mesh, or None (one device).
       Parameters and optimizer state are sharded by their logical axes and `rules`,
       batches along the batch axis; with several processes (`jax.distributed`), each
@@ -194,20 +293,33 @@ class Trainer:
     rules: logical-axis rules for `mesh`.
   """
 
-  def __init__(self, split: SplitModel, config: TrainConfig, *, mesh=None,
+  def __init__(self, split: SplitModel, config: TrainConfig, *, teacher=None, mesh=None,
                rules=parallel.DEFAULT_RULES):
     if not isinstance(split, SplitModel):
       raise TypeError(f"split must be a jaxsun SplitModel, got {type(split).__name__}")
+    if not isinstance(config, TrainConfig):
+      raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     self.config = config
     self.mesh, self.rules = mesh, rules
+    if teacher is not None:
+      teacher = check_teacher(teacher, split)
+    elif config.distills:
+      raise ValueError(f"TrainConfig.distill_weight={config.distill_weight} > 0 needs a "
+                       "teacher: Trainer(split, config, teacher=teacher_split)")
+    self.teacher = teacher if config.distills else None
     if mesh is not None:
       split = parallel.shard_split_model(split, mesh, rules)
+      if self.teacher is not None:
+        self.teacher = parallel.shard_split_model(self.teacher, mesh, rules)
     self._template = split
     trainable, self.frozen = partition(split, config.trainability)
     # Donation deletes the input buffers; the caller's model may share these arrays.
     trainable = jax.tree.map(jnp.copy, trainable)
-    # FP8 scaling state (Fp8Meta) is overwritten with its "gradient", never optimized.
-    self._is_meta = _variable_mask(trainable, lambda v: isinstance(v, Fp8Meta))
+    # Step state (FP8 scales, affine attention's alpha EMA: `jaxsun.nn.step_state`) is
+    # overwritten with its "gradient", never optimized.
+    self._is_meta = _variable_mask(trainable, lambda v: isinstance(v, StepState))
+    self._meta_mean = _variable_mask(
+        trainable, lambda v: isinstance(v, StepState) and v.combine == "mean")
     tx, self.schedule = make_optimizer(config.optimizer, config.steps)
     labels = jax.tree.map(lambda m: "meta" if m else "param", self._is_meta)
     self.tx = optax.multi_transform({"param": tx, "meta": optax.set_to_zero()}, labels)
@@ -229,7 +341,7 @@ class Trainer:
       opt_state = jax.tree.map(on_mesh, self.tx.init(trainable))
     self.state = TrainState(step=step, params=trainable, opt_state=opt_state, rng=rng)
     self._train_step = jax.jit(self._step_impl, donate_argnums=0,
-                               static_argnames="window")
+                               static_argnames=("window", "teacher_window"))
     self._window = None  # a dataset-wide prefill window, set by `fit`
     self.model_cfg = split.cfg
 
@@ -260,34 +372,51 @@ class Trainer:
 
   # -- jitted steps -----------------------------------------------------------------------
 
-  def _loss_sums(self, params, frozen, batch, key, window):
+  def _loss_sums(self, params, frozen, batch, key, window, teacher=None,
+                 teacher_window=None):
+    """(sum of the objective, aux sums: "count" and, distilling, "ce_sum"/"kl_sum")."""
     split = combine(self._template, params, frozen)
-    return next_token_loss_sums(split, batch["tokens"], batch["boundary"], batch["loss_mask"],
-                                window=window, dropout_key=key)
+    if teacher is None:
+      loss_sum, count = next_token_loss_sums(split, batch["tokens"], batch["boundary"],
+                                             batch["loss_mask"], window=window,
+                                             dropout_key=key)
+      return loss_sum, {"count": count}
+    return distill_loss_sums(split, teacher, batch["tokens"], batch["boundary"],
+                             batch["loss_mask"], weight=self.config.distill_weight,
+                             temperature=self.config.distill_temperature, window=window,
+                             teacher_window=teacher_window, dropout_key=key)
 
-  def _step_impl(self, state: TrainState, frozen: dict, batch: dict, window=None):
+  def _step_impl(self, state: TrainState, frozen: dict, batch: dict, window=None,
+                 teacher=None, teacher_window=None):
     accum = self.config.accum_steps
     rng, dropout_key = jax.random.split(jax.random.wrap_key_data(state.rng))
     grad_fn = jax.value_and_grad(self._loss_sums, has_aux=True)
     if accum == 1:
-      (loss_sum, count), grad_sum = grad_fn(state.params, frozen, batch, dropout_key, window)
+      (loss_sum, aux), grad_sum = grad_fn(state.params, frozen, batch, dropout_key, window,
+                                          teacher, teacher_window)
     else:
       micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]),
                            batch)
       micro["key"] = jax.random.split(dropout_key, accum)
 
       def body(carry, mb):
-        g_acc, l_acc, c_acc = carry
+        g_acc, l_acc, aux_acc = carry
         mb = dict(mb)
-        (l, c), g = grad_fn(state.params, frozen, mb, mb.pop("key"), window)
-        # FP8 amax histories of micro-batches combine with max, gradients with sum.
-        g_acc = jax.tree.map(lambda m, a, b: jnp.maximum(a, b) if m else a + b,
-                             self._is_meta, g_acc, g)
-        return (g_acc, l_acc + l, c_acc + c), None
+        (l, aux), g = grad_fn(state.params, frozen, mb, mb.pop("key"), window, teacher,
+                              teacher_window)
+        # Step state of micro-batches combines by its rule (max, or sum then mean),
+        # gradients with sum.
+        g_acc = jax.tree.map(lambda m, mean, a, b: jnp.maximum(a, b) if m and not mean
+                             else a + b, self._is_meta, self._meta_mean, g_acc, g)
+        return (g_acc, l_acc + l, jax.tree.map(jnp.add, aux_acc, aux)), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
-      (grad_sum, loss_sum, count), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros(()), jnp.zeros(())), micro)
+      aux_keys = ("count",) + (("ce_sum", "kl_sum") if teacher is not None else ())
+      (grad_sum, loss_sum, aux), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros(()), {k: jnp.zeros(()) for k in aux_keys}), micro)
+      grad_sum = jax.tree.map(lambda mean, g: g / accum if mean else g, self._meta_mean,
+                              grad_sum)
+    count = aux["count"]
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda m, g: g if m else g / denom, self._is_meta, grad_sum)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -299,6 +428,8 @@ class Trainer:
       params = jax.lax.with_sharding_constraint(params, self._param_shardings)
     metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads),
                "learning_rate": self.schedule(state.step), "target_tokens": count}
+    if teacher is not None:
+      metrics.update(ce_loss=aux["ce_sum"] / denom, distill_kl=aux["kl_sum"] / denom)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                       rng=rng), metrics
 
@@ -311,7 +442,13 @@ class Trainer:
     if b % self.config.accum_steps:
       raise ValueError(f"batch size {b} is not divisible by TrainConfig.accum_steps="
                        f"{self.config.accum_steps}")
-    self.state, metrics = self._train_step(self.state, self.frozen, batch, window=window)
+    teacher_window = None
+    if self.teacher is not None:
+      teacher_window = batch_window(self.teacher, host_batch["boundary"],
+                                    batch["tokens"].shape[1])
+    self.state, metrics = self._train_step(self.state, self.frozen, batch, window=window,
+                                           teacher=self.teacher,
+                                           teacher_window=teacher_window)
     return {k: float(parallel.host_value(v)) for k, v in metrics.items()}
 
   def evaluate(self, batches: Iterable[Mapping[str, Any]], max_batches: int | None = None
@@ -365,7 +502,8 @@ class Trainer:
 
     Returns:
       Per-step metrics of the steps run here: step, loss, grad_norm, learning_rate,
-      step_time_s, tokens_per_s, model_tflops_per_s (+ eval_loss where evaluated).
+      step_time_s, tokens_per_s, model_tflops_per_s (+ eval_loss where evaluated;
+      + ce_loss and distill_kl when distilling, "loss" being the objective).
     """
     cfg = self.config
     until = cfg.steps if until is None else min(until, cfg.steps)
@@ -381,6 +519,8 @@ class Trainer:
     if writer is not None and self.step == 0:
       writer.write_hparams({"trainability": cfg.trainability, "steps": cfg.steps,
                             "accum_steps": cfg.accum_steps,
+                            "distill_weight": cfg.distill_weight,
+                            "distill_temperature": cfg.distill_temperature,
                             "trainable_params": self.num_trainable_params(),
                             **{f"optimizer.{k}": v for k, v in
                                dataclasses.asdict(cfg.optimizer).items()}})
