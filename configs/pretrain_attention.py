@@ -108,6 +108,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.variant = arg
   c.kinds = KINDS
   c.seeds = (0, 1, 2)
+  # Positive controls: (name, kind, overrides of config.model fields, or "train.steps" /
+  # "train.optimizer.<field>"), each trained for every seed on the same batches as the
+  # kinds and compared with softmax: the instrument check (results.md). `:tiny` sets one.
+  c.controls = ()
   c.tokenizer = "byte"  # "byte", "bpe4k", "gpt2", "file:<tokenizer.json>", "" (teacher's)
   c.data_dir = ""  # TFDS data dir; "" = $JAXSUN_TFDS_DIR or ~/.cache/jaxsun/tfds
   c.data = ml_collections.ConfigDict()

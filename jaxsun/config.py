@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 DTYPES = ("float32", "bfloat16", "float16")
 # How the softmax part of attention is computed (`jaxsun.nn.attention.sdpa`).
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "naive")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "einsum", "naive")
 # Rematerialisation policies of a block (`jaxsun.nn.decoder.REMAT_POLICIES`).
 REMAT = ("none", "full", "dots", "dots_no_batch", "minimal")
 
@@ -119,9 +119,11 @@ class ModelConfig:
       "softmax", "off_by_one", "sink", "gated", "affine", "affine_gated".
     attention_impl: how the softmax part runs: "auto" (default: cuDNN flash attention
       on a GPU, Pallas splash attention on a TPU, when the shapes allow, else XLA's fused
-      `dot_product_attention`), "xla", "cudnn", "splash" (TPU: the causal training mask
-      with lengths a multiple of 128, XLA elsewhere; `jaxsun.nn.splash`), or "naive"
-      (the einsum reference that materialises float32 scores).
+      `dot_product_attention`; on a CPU "einsum"), "xla", "cudnn", "splash" (TPU: the
+      causal training mask with lengths a multiple of 128, XLA elsewhere;
+      `jaxsun.nn.splash`), "einsum" (the fused path's rewrites around plain grouped
+      einsums: a CPU has no fused kernel) or "naive" (each kind's float32 weight matrix
+      times V: the reference).
     affine: Affine-Scaled Attention's options (`AffineConfig`); used by the affine kinds.
     scan_layers: the blocks' parameters are stacked on a leading layer axis and run under
       `jax.lax.scan` (one compiled block for any depth, as MaxText's `scan_layers`);

@@ -19,12 +19,15 @@ KINDS = ("softmax", "off_by_one", "sink", "gated", "affine", "affine_gated")
 TOL = 1e-5
 
 
-def _models(cfg, seed=3):
+def _models(cfg, seed=3, impl="xla"):
   """(fused, naive) decoders with the same random state (alpha_ma and sinks included).
 
-  W_alpha is scaled up so alpha spans the clip range instead of sitting at 0.5.
+  The fused one runs XLA's `dot_product_attention` (what GPUs fall back to; "auto" picks
+  grouped einsums on a CPU, tested below). W_alpha is scaled up so alpha spans the clip
+  range instead of sitting at 0.5.
   """
-  graphdef, state = nnx.split(jaxsun.Decoder(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(jaxsun.Decoder(cfg.replace(attention_impl=impl),
+                                             rngs=nnx.Rngs(0)))
   state = perturbed(state, seed)
   if cfg.attention.startswith("affine"):
     for i in range(cfg.n_layers):
@@ -371,3 +374,19 @@ def test_decoder_attention_weights_match_the_forward_in_both_layouts():
   out = jnp.einsum("bhts,bshd->bthd", maps[0], v).reshape(2, 12, -1)
   want = blk.attn(x, positions)[0]
   assert rel_err(blk.attn.o_proj(out), want) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["sink", "affine_gated"])
+def test_cpu_einsum_path_equals_naive_in_train_and_decode(kind):
+  """On a CPU "auto" runs the fused path's rewrites around grouped einsums."""
+  assert attention_lib.resolve_impl("auto", jnp.float32, 16, "causal") == "einsum"
+  cfg = jaxsun.ModelConfig.preset("tiny", init_std=0.25, attention=kind)
+  fused, naive = _models(cfg, impl="auto")
+  tokens = random_tokens(10, (2, 12), cfg.vocab_size)
+  assert rel_err(fused(tokens)[0], naive(tokens)[0]) <= TOL
+  outs = []
+  for model in (fused, naive):
+    cache = model.init_cache(2, 16)
+    _, cache = model(tokens[:, :8], mode="prefill", cache=cache)
+    outs.append(model(tokens[:, 8:9], mode="decode", cache=cache)[0])
+  assert rel_err(outs[0], outs[1]) <= TOL

@@ -35,7 +35,7 @@ def test_quick_run_writes_json_and_markdown(quick):
   assert {"device_kind", "platform", "backend"} <= set(saved["machine"])
   cfg = saved["config"]
   assert cfg["kinds"] == list(bench.KINDS) and cfg["seqs"] == list(bench.SIZES["quick"]["seqs"])
-  assert cfg["fused_impl"] in ("xla", "cudnn")
+  assert cfg["fused_impl"] in ("einsum", "xla", "cudnn")
   md = (out / f"attention_quick_{backend}.md").read_text()
   assert "| T | B | kind | fused ms |" in md and "## targets" in md
 

@@ -76,6 +76,86 @@ def test_config_errors():
     pa.model_config(c.model, 259, "softmax")
 
 
+def test_tiny_has_one_control_and_paper_variants_none():
+  c = pa_config.get_config("tiny")
+  ctrls = pa.check_controls(c)
+  assert len(ctrls) == 1 and ctrls[0].kind == "softmax"
+  assert ctrls[0].name not in c.kinds and ctrls[0].overrides
+  base = pa.model_config(c.model, 259, "softmax")
+  cfg = pa.model_config(c.model, 259, ctrls[0].kind, overrides=ctrls[0].model_overrides)
+  assert cfg != base and cfg.replace(**ctrls[0].model_overrides) == cfg
+  for variant in ("gpu",) + pa_config.PAPER_VARIANTS:
+    assert tuple(pa_config.get_config(variant).controls) == ()
+
+
+@pytest.mark.parametrize("controls, match", [
+    ((("softmax", "softmax", {"n_layers": 2}),), r"config.controls\[0\].*collides"),
+    ((("gated", "softmax", {"n_layers": 2}),), r"config.controls\[0\].*collides"),
+    ((("c", "softmax", {"n_layers": 2}), ("c", "gated", {})), r"config.controls\[1\].*twice"),
+    ((("c", "flash_softmax", {"n_layers": 2}),), r"config.controls\[0\].*unknown attention kind"),
+    ((("c", "softmax", {"n_layer": 2}),), r"config.controls\[0\].*'n_layer' is not a ModelConfig field"),
+    ((("c", "softmax", {"attention": "gated"}),), r"config.controls\[0\].*set by the control's kind"),
+    ((("c", "softmax", {"n_heads": 3}),), r"config.controls\[0\].*n_heads"),
+    ((("c", "softmax", {"affine": {"nope": 1}}),), r"config.controls\[0\].*nope"),
+    ((("c", "softmax", {"max_len": 64}),), r"config.controls\[0\].*max_len=64"),
+    ((("c", "softmax", {"train.batch_size": 8}),), r"config.controls\[0\].*cannot be overridden"),
+    ((("c", "softmax", {"train.optimizer.lr": 1.0}),), r"config.controls\[0\].*unknown optimizer field"),
+    ((("c", "softmax", {"train.steps": 5}),), r"config.controls\[0\].*train.steps=5"),
+    ((("c/d", "softmax", {"n_layers": 2}),), r"config.controls\[0\].*name"),
+    ((("c", "softmax"),), r"config.controls\[0\].*triple"),
+    ((("c", "softmax", ("n_layers", 2)),), r"config.controls\[0\].*triple"),
+])
+def test_control_errors(controls, match):
+  c = pa_config.get_config("tiny")
+  c.controls = controls
+  with pytest.raises(ValueError, match=match):
+    pa.check_config(c)
+
+
+def test_control_identity_leaves_the_kinds_unchanged():
+  """Adding controls must not change the identity of a kind's run (a rerun reuses it)."""
+  c = pa_config.get_config("tiny")
+  c0 = pa_config.get_config("tiny")
+  c0.controls = ()
+  cfg = pa.model_config(c.model, 259, "softmax")
+  assert pa.run_identity(c, "softmax", 0, cfg, {}) == pa.run_identity(c0, "softmax", 0,
+                                                                     cfg, {})
+  assert "control" not in pa.run_identity(c, "softmax", 0, cfg, {})
+  ctrl = pa.Control("slow", "softmax", {"n_layers": 2, "train.steps": 100,
+                                         "train.optimizer.learning_rate": 1e-3})
+  ccfg = pa.model_config(c.model, 259, "softmax", overrides=ctrl.model_overrides)
+  ident = pa.run_identity(c, "softmax", 0, ccfg, {}, ctrl)
+  assert ident["control"]["name"] == "slow" and ident["model_config"]["n_layers"] == 2
+  assert ident["train"]["steps"] == 100
+  assert ident["train"]["optimizer"]["learning_rate"] == 1e-3
+  assert c.train.steps == 300 and c.train.optimizer.learning_rate == 3e-3  # untouched
+  tc = pa.train_config(c, 0, ctrl)
+  assert tc.steps == 100 and tc.optimizer.learning_rate == 1e-3
+
+
+def test_instrument_check_sentence():
+  def cmp(diff, se):
+    return {"diff": diff, "se": se, "beyond_2se": abs(diff) > 2 * se}
+  agg = {"softmax": {}, "gated": {"vs_softmax": {"validation_loss": cmp(0.03, 0.02)}},
+         "sink": {"vs_softmax": {"validation_loss": cmp(-0.01, 0.01)}}}
+  ctrl = {"half": {"kind": "softmax", "overrides": {"n_layers": 2},
+                   "vs_softmax": {"validation_loss": cmp(0.10, 0.02)}}}
+  check = pa.instrument_check(agg, ctrl)
+  assert check["instrument_works"] and check["resolved"] == ["half"]
+  assert check["largest_variant"]["kind"] == "gated"
+  assert check["variant_bound"] == pytest.approx(0.07)
+  assert check["controls"]["half"]["z"] == pytest.approx(5.0)
+  s = check["sentence"]
+  assert "half (softmax with n_layers=2)" in s and "+0.100 ± 0.020 (+5.0 SE)" in s
+  assert "resolves differences of this size" in s and "gated's +0.030 ± 0.020" in s
+  assert "smaller than about 0.07 nats" in s
+  ctrl["half"]["vs_softmax"]["validation_loss"] = cmp(0.03, 0.02)
+  check = pa.instrument_check(agg, ctrl)
+  assert not check["instrument_works"] and "does NOT resolve" in check["sentence"]
+  assert "smaller than about" not in check["sentence"]
+  assert pa.instrument_check(agg, {}) is None
+
+
 def test_layer_attention_weights_in_both_layouts(cfg):
   from jaxsun.nn import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
   model = jaxsun.Decoder(cfg.replace(attention="affine"), rngs=nnx.Rngs(0))
@@ -143,9 +223,52 @@ def test_micro_study_writes_results_and_plots(tmp_path):
   with np.load(tmp_path / "runs" / "softmax_s0.npz") as z:
     assert z["loss"].shape == z["grad_norm"].shape == (5,)
 
+  assert res["controls"] == {} and res["instrument_check"] is None
+  assert "## Controls" not in md
+
   # A rerun reads the finished runs back and gives the same aggregate.
   again = jobs.run(_micro(), tmp_path)
   assert again["aggregate"] == res["aggregate"]
+
+  # Adding a control to the same workdir reuses every earlier run and trains only the
+  # control's seeds (same batches, same measurements).
+  c = _micro()
+  c.controls = (("softmax_1_layer", "softmax", {"n_layers": 1}),)
+  ctl = jobs.run(c, tmp_path)
+  assert sorted(ctl["reused_runs"]) == sorted(res["runs"])
+  assert sorted(ctl["runs"]) == sorted(res["runs"]) + ["softmax_1_layer_s0",
+                                                       "softmax_1_layer_s1"]
+  assert ctl["aggregate"] == res["aggregate"]  # the kinds only
+  run = ctl["runs"]["softmax_1_layer_s0"]
+  assert run["kind"] == "softmax" and run["control"] == "softmax_1_layer"
+  assert run["overrides"] == {"n_layers": 1} and run["steps"] == 5
+  assert len(run["attention"]["entropy"]["per_layer"]) == 1
+  assert run["num_params"] < res["runs"]["softmax_s0"]["num_params"]
+  entry = ctl["controls"]["softmax_1_layer"]
+  assert entry["kind"] == "softmax" and entry["overrides"] == {"n_layers": 1}
+  assert entry["seeds"] == [0, 1] and entry["validation_loss"]["n"] == 2
+  v = entry["vs_softmax"]["validation_loss"]
+  want = entry["validation_loss"]["mean"] - res["aggregate"]["softmax"]["validation_loss"][
+      "mean"]
+  assert v["diff"] == pytest.approx(want)
+  assert v["se"] == pytest.approx(np.sqrt(
+      (entry["validation_loss"]["std"] ** 2 +
+       res["aggregate"]["softmax"]["validation_loss"]["std"] ** 2) / 2))
+  assert v["beyond_2se"] == (abs(v["diff"]) > 2 * v["se"])
+  check = ctl["instrument_check"]
+  assert check["measure"] == "validation_loss"
+  assert check["controls"]["softmax_1_layer"]["diff"] == pytest.approx(v["diff"])
+  assert check["largest_variant"]["kind"] == "affine"
+  assert check["sentence"].startswith("Instrument check: the control softmax_1_layer "
+                                      "(softmax with n_layers=1) differs from softmax by")
+  md = (tmp_path / "results.md").read_text()
+  assert "## Controls" in md and "| softmax_1_layer | softmax with n_layers=1 |" in md
+  assert check["sentence"] in md
+  assert (tmp_path / "checkpoints" / "softmax_1_layer_s1" / "run.json").exists()
+  assert json.loads((tmp_path / "runs" / "softmax_1_layer_s0.json").read_text())[
+      "identity"]["control"] == {"name": "softmax_1_layer", "overrides": {"n_layers": 1}}
+  # ... and a rerun reuses the control's runs too.
+  assert len(jobs.run(c, tmp_path)["reused_runs"]) == 6
 
   # A study's run is a teacher for a distilled one (config.teacher.workdir).
   c = _micro(kinds=("affine",), seeds=(0,), steps=3)

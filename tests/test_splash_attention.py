@@ -293,7 +293,7 @@ def test_auto_on_tpu_keeps_xla_for_small_heads(monkeypatch):
     ("tpu", jnp.bfloat16, 128, "decode", 1024, "xla"),
     ("tpu", jnp.bfloat16, 128, "general", 1024, "xla"),
     ("gpu", jnp.bfloat16, 128, "causal", 1024, "cudnn"),
-    ("cpu", jnp.bfloat16, 128, "causal", 1024, "xla"),
+    ("cpu", jnp.bfloat16, 128, "causal", 1024, "einsum"),
 ])
 def test_resolve_impl(backend, dtype, head_dim, structure, seq_len, want, monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: backend)

@@ -12,9 +12,17 @@ attention statistics of validation sequences (`jaxsun.analysis.attention_stats`,
 layer at a time). `aggregate` gives mean +- std over seeds per kind; `write_report`
 writes results.json, results.md and the plots.
 
+Positive controls (`config.controls`, `Control`): configurations expected to differ from
+the softmax baseline by a modest, known margin (e.g. softmax with half the layers),
+trained and measured for every seed exactly like a kind (same batches in the same order).
+`instrument_check` compares their difference from softmax with the seed noise: if the
+control's difference exceeds 2 standard errors the instrument resolves a difference of
+that size, and the kinds' differences read against it.
+
 Layout of the workdir:
 
-    checkpoints/<kind>_s<seed>/   the run's checkpoint (a teacher for a later study)
+    checkpoints/<kind>_s<seed>/   the run's checkpoint (a teacher for a later study);
+                                  a control's runs are <control name>_s<seed>
     logs/<kind>_s<seed>/          metrics.jsonl (every step) and TensorBoard events
     runs/<kind>_s<seed>.json      the run's measurements (a rerun reuses them)
     runs/<kind>_s<seed>.npz       its loss / grad-norm series, query masses, a map
@@ -98,7 +106,128 @@ PAPER_REFERENCE = {
 
 
 def run_name(kind: str, seed: int) -> str:
+  """`<kind>_s<seed>`; a control's runs are `<control name>_s<seed>`."""
   return f"{kind}_s{int(seed)}"
+
+
+# ModelConfig fields a control may not override: the kind sets `attention`.
+_CONTROL_FIXED_FIELDS = ("attention",)
+# Train overrides a control may set (as "train.<key>"): anything else would change the
+# data (seq_len, batch_size) or the measurements (final_window, eval_batches).
+_CONTROL_TRAIN_KEYS = ("steps",)
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+  """One entry of `config.controls`: `(name, kind, overrides)`.
+
+  A positive control: the attention `kind` with `overrides` of `config.model` (keys of
+  `ModelConfig`; a mapping value such as `affine` is merged into the section's) and,
+  as "train.steps" / "train.optimizer.<field>", of `config.train`. Trained for every
+  seed on the same batches as the kinds; its runs are `<name>_s<seed>`.
+  """
+
+  name: str
+  kind: str
+  overrides: Mapping[str, Any]
+
+  @property
+  def model_overrides(self) -> dict:
+    return {k: v for k, v in self.overrides.items() if not k.startswith("train.")}
+
+  @property
+  def train_overrides(self) -> dict:
+    """{"steps": ..., "optimizer.learning_rate": ...} (without the "train." prefix)."""
+    return {k[len("train."):]: v for k, v in self.overrides.items()
+            if k.startswith("train.")}
+
+  def describe(self) -> str:
+    """E.g. "softmax with n_layers=2"."""
+    return f"{self.kind} with " + ", ".join(
+        f"{k}={v!r}" for k, v in self.overrides.items()) if self.overrides else self.kind
+
+
+def controls(config) -> tuple[Control, ...]:
+  """`config.controls` as `Control`s (() when the config has none). Checks the shape of
+  each entry; `check_config` checks the rest."""
+  raw = config.get("controls", ()) or ()
+  if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence):
+    raise ValueError(f"config.controls={raw!r} must be a tuple of (name, kind, "
+                     "overrides) entries")
+  out = []
+  for i, entry in enumerate(raw):
+    if (isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence)
+        or len(entry) != 3 or not isinstance(entry[0], str)
+        or not isinstance(entry[1], str) or not isinstance(entry[2], Mapping)):
+      raise ValueError(f"config.controls[{i}]={entry!r} must be a (name, kind, overrides)"
+                       " triple: two strings and a dict of ModelConfig field overrides")
+    out.append(Control(entry[0], entry[1], dict(entry[2])))
+  return tuple(out)
+
+
+def check_controls(config) -> tuple[Control, ...]:
+  """Refuses a `config.controls` entry the study cannot run, naming `config.controls`."""
+  from jaxsun.nn import attention  # pylint: disable=g-import-not-at-top
+  ctrls = controls(config)
+  kinds, seeds = tuple(config.kinds), tuple(config.seeds)
+  model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  opt_fields = set(common.to_dict(config.train.optimizer))
+  seen = set(kinds)
+  for i, c in enumerate(ctrls):
+    where = f"config.controls[{i}] ({c.name!r})"
+    if not c.name or not set(c.name) <= _NAME_CHARS:
+      raise ValueError(f"{where}: the name must be non-empty letters, digits, '_', '.' "
+                       "or '-' (it names the runs' directories)")
+    if c.name in kinds:
+      raise ValueError(f"{where}: the name collides with the attention kind {c.name!r} "
+                       "of config.kinds; give the control its own name")
+    if c.name in seen:
+      raise ValueError(f"{where}: the name is used twice in config.controls")
+    seen.add(c.name)
+    if c.kind not in attention.ATTENTION_KINDS:
+      raise ValueError(f"{where}: unknown attention kind {c.kind!r}; registered: "
+                       f"{sorted(attention.ATTENTION_KINDS)}")
+    for key, value in c.overrides.items():
+      if key.startswith("train."):
+        sub = key[len("train."):]
+        if sub.startswith("optimizer."):
+          if sub[len("optimizer."):] not in opt_fields:
+            raise ValueError(f"{where}: unknown optimizer field {key!r}; fields: "
+                             f"{sorted(opt_fields)}")
+        elif sub not in _CONTROL_TRAIN_KEYS:
+          raise ValueError(f"{where}: {key!r} cannot be overridden (a control trains on "
+                           "the same data and is measured the same way); allowed: "
+                           f"{['train.' + k for k in _CONTROL_TRAIN_KEYS]} and "
+                           "train.optimizer.<field>")
+      elif key in _CONTROL_FIXED_FIELDS:
+        raise ValueError(f"{where}: {key!r} is set by the control's kind, not overridden")
+      elif key not in model_fields:
+        raise ValueError(f"{where}: {key!r} is not a ModelConfig field (known: "
+                         f"{sorted(model_fields - set(_CONTROL_FIXED_FIELDS))}) nor a "
+                         "train.* override")
+    # The values: build the control's ModelConfig (vocab 1 stands in for the tokenizer's)
+    # and its optimizer.
+    try:
+      cfg = model_config(config.model, 1, c.kind, overrides=c.model_overrides)
+      tsec = train_section(config, c)
+      common.optimizer_config(tsec["optimizer"])
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{where}: {e}") from None
+    need = max(config.train.seq_len, config.analysis.length)
+    if cfg.max_len < need:
+      raise ValueError(f"{where}: max_len={cfg.max_len} is shorter than the sequences "
+                       f"({need})")
+    steps = tsec["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or not (
+        config.train.final_window <= steps):
+      raise ValueError(f"{where}: train.steps={steps!r} must be an integer >= "
+                       f"config.train.final_window={config.train.final_window}")
+  names = [run_name(k, s) for k in kinds + tuple(c.name for c in ctrls) for s in seeds]
+  if len(set(names)) != len(names):
+    raise ValueError("config.controls: the run names "
+                     f"{sorted({n for n in names if names.count(n) > 1})} repeat")
+  return ctrls
 
 
 def check_config(config) -> None:
@@ -152,6 +281,7 @@ def check_config(config) -> None:
     raise ValueError(f"config.distill.weight={w} > 0 needs a teacher: set "
                      "config.teacher.workdir (a jaxsun workdir with a checkpoint) or "
                      "config.teacher.hf_path (a Hugging Face checkpoint directory)")
+  check_controls(config)
 
 
 def tokenizer_name(config) -> str:
@@ -165,7 +295,8 @@ def tokenizer_name(config) -> str:
                    "file:/path/to/tokenizer.json)")
 
 
-def model_config(model_section, tokenizer_vocab: int, kind: str) -> ModelConfig:
+def model_config(model_section, tokenizer_vocab: int, kind: str,
+                 overrides: Mapping[str, Any] | None = None) -> ModelConfig:
   """The `ModelConfig` of one run: the config's model section with `attention=kind`.
 
   Args:
@@ -174,8 +305,15 @@ def model_config(model_section, tokenizer_vocab: int, kind: str) -> ModelConfig:
       tokenizer's).
     tokenizer_vocab: the tokenizer's vocabulary size; the model's must not be smaller.
     kind: the attention kind.
+    overrides: a control's field overrides, applied on top of the section (a mapping
+      value, e.g. `affine`, is merged into the section's mapping).
   """
   fields = common.to_dict(model_section)
+  for key, value in common.to_dict(overrides or {}).items():
+    if isinstance(value, Mapping) and isinstance(fields.get(key), Mapping):
+      fields[key] = {**fields[key], **value}
+    else:
+      fields[key] = value
   preset = fields.pop("preset", None)
   if isinstance(fields.get("affine"), Mapping):
     fields["affine"] = AffineConfig(**fields["affine"])
@@ -212,13 +350,25 @@ def model_config_from_dict(d: Mapping) -> ModelConfig:
   return ModelConfig(**d)
 
 
-def train_config(config, seed: int) -> TrainConfig:
-  tc = config.train
-  return TrainConfig(steps=tc.steps, trainability="both",
-                     optimizer=common.optimizer_config(tc.optimizer),
-                     accum_steps=tc.accum_steps, log_every=1,
-                     checkpoint_every=tc.checkpoint_every, seed=seed,
-                     device_memory_gb=tc.device_memory_gb,
+def train_section(config, control: Control | None = None) -> dict:
+  """`config.train` as a dict, with a control's "train.*" overrides applied."""
+  tc = common.to_dict(config.train)
+  if control is not None:
+    for key, value in control.train_overrides.items():
+      if key.startswith("optimizer."):
+        tc["optimizer"][key[len("optimizer."):]] = value
+      else:
+        tc[key] = value
+  return tc
+
+
+def train_config(config, seed: int, control: Control | None = None) -> TrainConfig:
+  tc = train_section(config, control)
+  return TrainConfig(steps=tc["steps"], trainability="both",
+                     optimizer=common.optimizer_config(tc["optimizer"]),
+                     accum_steps=tc["accum_steps"], log_every=1,
+                     checkpoint_every=tc["checkpoint_every"], seed=seed,
+                     device_memory_gb=tc["device_memory_gb"],
                      distill_weight=float(config.distill.weight),
                      distill_temperature=float(config.distill.temperature))
 
@@ -451,26 +601,41 @@ def _write_npz_atomic(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> N
   os.replace(tmp, path)
 
 
-def run_identity(config, kind: str, seed: int, model_cfg: ModelConfig, teacher_info: dict
-                 ) -> dict:
-  """What must match for a rerun to resume (checkpoints) or reuse (measurements)."""
-  return {"job": JOB, "kind": kind, "seed": int(seed), "tokenizer": tokenizer_name(config),
-          "model_config": model_config_to_dict(model_cfg),
-          "train": common.to_dict(config.train), "distill": common.to_dict(config.distill),
-          "teacher": {k: v for k, v in teacher_info.items() if k != "model_config"},
-          "sources": [str(s) for s in config.data.sources],
-          "weights": list(config.data.weights)}
+def run_identity(config, kind: str, seed: int, model_cfg: ModelConfig, teacher_info: dict,
+                 control: Control | None = None) -> dict:
+  """What must match for a rerun to resume (checkpoints) or reuse (measurements).
+
+  Per run, not the whole config: adding kinds or `config.controls` to a study leaves the
+  identities of its earlier runs unchanged, so a rerun in the same workdir reuses them.
+  A control's identity also names the control and its overrides (its model config and
+  train section already include them).
+  """
+  identity = {"job": JOB, "kind": kind, "seed": int(seed),
+              "tokenizer": tokenizer_name(config),
+              "model_config": model_config_to_dict(model_cfg),
+              "train": train_section(config, control),
+              "distill": common.to_dict(config.distill),
+              "teacher": {k: v for k, v in teacher_info.items() if k != "model_config"},
+              "sources": [str(s) for s in config.data.sources],
+              "weights": list(config.data.weights)}
+  if control is not None:
+    identity["control"] = {"name": control.name,
+                           "overrides": common.to_dict(control.overrides)}
+  return identity
 
 
 def train_one(config, kind: str, seed: int, tokenizer, workdir: pathlib.Path, *,
-              teacher=None, teacher_info: dict | None = None) -> tuple[jaxsun.SplitModel,
-                                                                       dict]:
-  """Pretrains one (kind, seed) run, resuming its checkpoint. Returns (split, info)."""
+              teacher=None, teacher_info: dict | None = None,
+              control: Control | None = None) -> tuple[jaxsun.SplitModel, dict]:
+  """Pretrains one (kind, seed) run, or one seed of a control (`kind` must be the
+  control's), resuming its checkpoint. Returns (split, info)."""
   from jaxsun import data as data_lib  # pylint: disable=g-import-not-at-top
   tc = config.train
-  name = run_name(kind, seed)
-  model_cfg = model_config(config.model, tokenizer.vocab_size, kind)
-  identity = run_identity(config, kind, seed, model_cfg, teacher_info or {})
+  name = run_name(control.name if control else kind, seed)
+  model_cfg = model_config(config.model, tokenizer.vocab_size, kind,
+                           overrides=control.model_overrides if control else None)
+  identity = run_identity(config, kind, seed, model_cfg, teacher_info or {}, control)
+  steps = train_section(config, control)["steps"]
   batches = data_lib.lm_batches(list(config.data.sources), tokenizer, seq_len=tc.seq_len,
                                 batch_size=tc.batch_size, seed=seed,
                                 weights=list(config.data.weights),
@@ -478,13 +643,13 @@ def train_one(config, kind: str, seed: int, tokenizer, workdir: pathlib.Path, *,
   split = jaxsun.SplitModel.from_model(jaxsun.Decoder(model_cfg, rngs=nnx.Rngs(seed)))
   ckpt_dir = workdir / "checkpoints" / name
   ft._check_run_identity(ckpt_dir, identity)  # pylint: disable=protected-access
-  trainer = Trainer(split, train_config(config, seed), teacher=teacher)
+  trainer = Trainer(split, train_config(config, seed, control), teacher=teacher)
   t0 = time.perf_counter()
   with metrics_lib.create_default_writer(workdir / "logs" / name) as writer, Checkpointer(
       ckpt_dir / "steps", keep=1) as ckpt:
     done = ckpt.latest_step() or 0
     tokens = tc.batch_size * tc.seq_len
-    progress = Progress(total=tc.steps, initial=done, log_every=tc.progress_every,
+    progress = Progress(total=steps, initial=done, log_every=tc.progress_every,
                         tokens_per_step=tokens, desc=name, file=sys.stdout,
                         flops_per_step=model_cfg.flops_per_token(tc.seq_len) * tokens)
     trainer.fit(batches, writer=writer, checkpointer=ckpt, progress=progress, label=name)
@@ -549,17 +714,22 @@ def measure_run(config, split: jaxsun.SplitModel, logdir: pathlib.Path, tokenize
 
 def run_one(config, kind: str, seed: int, tokenizer, workdir: pathlib.Path, *,
             teacher=None, teacher_info: dict | None = None, val=None,
-            keep_map: bool = False) -> tuple[dict, dict]:
+            keep_map: bool = False, control: Control | None = None) -> tuple[dict, dict]:
   """Trains and measures one run, or reads back its finished measurements.
 
+  With `control` (whose kind `kind` must be) the run is that control's seed `seed`,
+  named `<control.name>_s<seed>`; its record also carries "control" and "overrides".
   Returns (record, arrays); both are also written to `workdir/runs/<name>.{json,npz}`.
   A record read back carries "reused": True (not stored).
   """
-  name = run_name(kind, seed)
+  if control is not None and control.kind != kind:
+    raise ValueError(f"control {control.name!r} is of kind {control.kind!r}, not {kind!r}")
+  name = run_name(control.name if control else kind, seed)
   runs_dir = workdir / "runs"
   runs_dir.mkdir(parents=True, exist_ok=True)
-  model_cfg = model_config(config.model, tokenizer.vocab_size, kind)
-  identity = run_identity(config, kind, seed, model_cfg, teacher_info or {})
+  model_cfg = model_config(config.model, tokenizer.vocab_size, kind,
+                           overrides=control.model_overrides if control else None)
+  identity = run_identity(config, kind, seed, model_cfg, teacher_info or {}, control)
   rec_path, npz_path = runs_dir / f"{name}.json", runs_dir / f"{name}.npz"
   analysis_cfg = common.to_dict(config.analysis)
   if rec_path.exists() and npz_path.exists():
@@ -571,13 +741,16 @@ def run_one(config, kind: str, seed: int, tokenizer, workdir: pathlib.Path, *,
       with np.load(npz_path) as z:
         return {**old, "reused": True}, {k: z[k] for k in z.files}
   split, info = train_one(config, kind, seed, tokenizer, workdir, teacher=teacher,
-                          teacher_info=teacher_info)
+                          teacher_info=teacher_info, control=control)
   t0 = time.perf_counter()
   tokens, valid = val if val is not None else validation_tokens(config, tokenizer)
   record, arrays = measure_run(config, split, workdir / "logs" / name, tokenizer,
                                val_tokens=tokens, val_valid=valid, keep_map=keep_map)
   cfg = info["model_config"]
-  record = {"name": name, "kind": kind, "seed": int(seed), "num_params": cfg.num_params(),
+  record = {"name": name, "kind": kind, "seed": int(seed),
+            **({"control": control.name, "overrides": common.to_dict(control.overrides)}
+               if control else {}),
+            "num_params": cfg.num_params(),
             "attention_params": cfg.n_layers * cfg.attention_params(),
             "trainable_params": info["trainable_params"], **record,
             "train_time_s": info["train_time_s"],
@@ -627,6 +800,8 @@ def aggregate(records: Mapping[str, Mapping], kinds: Sequence[str],
               seeds: Sequence[int], spike_ks: Sequence[float] = (6, 9)) -> dict:
   """Mean +- std over seeds, per kind, of the scalar measures and the per-layer curves.
 
+  `kinds` are the run groups: attention kinds or control names (runs `<group>_s<seed>`).
+
   Also "vs_softmax" (when "softmax" is among the kinds): per measure, the difference of
   means and whether it exceeds twice its standard error sqrt(s1^2/n1 + s2^2/n2) (a
   rough seed-noise check, not a significance test).
@@ -675,6 +850,91 @@ def aggregate(records: Mapping[str, Mapping], kinds: Sequence[str],
   return out
 
 
+def _z(cmp: Mapping) -> float | None:
+  """diff / SE, or None without an SE (one seed, or no spread)."""
+  return cmp["diff"] / cmp["se"] if cmp.get("se") else None
+
+
+def instrument_check(aggregate_: Mapping[str, Mapping], controls_: Mapping[str, Mapping],
+                     measure: str = "validation_loss") -> dict | None:
+  """Whether the study resolves the positive controls' difference from softmax.
+
+  Args:
+    aggregate_: `aggregate` of the kinds (with "softmax" and "vs_softmax" entries).
+    controls_: control name -> its aggregate entry (with "vs_softmax"), plus "kind"
+      and "overrides".
+    measure: the measure compared (validation loss).
+
+  Returns:
+    None without softmax or controls, else {"measure", "controls": {name: {"diff",
+    "se", "z", "beyond_2se", "description"}}, "resolved": names beyond 2 SE,
+    "instrument_works" (some control resolved), "largest_variant": {"kind", "diff",
+    "se", "z", "beyond_2se"} (the kind with the largest |diff|), "variants_beyond_2se",
+    "variant_bound" (max over kinds of |diff| + 2 SE: differences larger than this
+    would most likely have been seen), "sentence"}.
+  """
+  if "softmax" not in aggregate_ or not controls_:
+    return None
+
+  def entry(cmp):
+    return {"diff": cmp["diff"], "se": cmp["se"], "z": _z(cmp),
+            "beyond_2se": cmp["beyond_2se"]}
+
+  ctrl = {}
+  for name, e in controls_.items():
+    cmp = e.get("vs_softmax", {}).get(measure)
+    if cmp is not None:
+      ctrl[name] = {**entry(cmp), "description": Control(
+          name, e.get("kind", "?"), e.get("overrides", {})).describe()}
+  variants = {k: entry(e["vs_softmax"][measure]) for k, e in aggregate_.items()
+              if k != "softmax" and measure in e.get("vs_softmax", {})}
+  largest = None
+  if variants:
+    kind = max(variants, key=lambda k: abs(variants[k]["diff"]))
+    largest = {"kind": kind, **variants[kind]}
+  beyond = [k for k, v in variants.items() if v["beyond_2se"]]
+  bound = (max(abs(v["diff"]) + 2 * v["se"] for v in variants.values())
+           if variants and all(v["se"] for v in variants.values()) else None)
+  resolved = [n for n, c in ctrl.items() if c["beyond_2se"]]
+  label = measure.replace("_", " ")
+
+  def pm(c):
+    out = f"{c['diff']:+.3f}"
+    if c["se"]:
+      out += f" ± {c['se']:.3f} ({c['z']:+.1f} SE)"
+    return out
+
+  parts = []
+  for name, c in ctrl.items():
+    if c["beyond_2se"] is None:
+      verdict = "no standard error (one seed): the instrument is not checked"
+    elif c["beyond_2se"]:
+      verdict = "the instrument resolves differences of this size"
+    else:
+      verdict = ("within 2 SE: the instrument does NOT resolve a difference of this "
+                 "size, so the kinds' null result says nothing about effects this large")
+    parts.append(f"the control {name} ({c['description']}) differs from softmax by "
+                 f"{pm(c)} nats of {label}: {verdict}")
+  sentence = "Instrument check: " + "; ".join(parts) + "."
+  if largest is not None:
+    sentence += (f" The largest variant difference is {largest['kind']}'s "
+                 f"{pm(largest)}")
+    if beyond:
+      sentence += (f"; {', '.join(beyond)} differ{'s' if len(beyond) == 1 else ''} from "
+                   "softmax by more than 2 SE.")
+    else:
+      sentence += "; no variant differs from softmax by more than 2 SE"
+      if resolved and bound is not None:
+        sentence += (f", so any effect of the attention kind on {label} at this scale is "
+                     f"smaller than about {bound:.2f} nats (the largest |diff| + 2 SE), "
+                     "while a difference of the control's size is resolved.")
+      else:
+        sentence += "."
+  return {"measure": measure, "controls": ctrl, "resolved": resolved,
+          "instrument_works": bool(resolved), "largest_variant": largest,
+          "variants_beyond_2se": beyond, "variant_bound": bound, "sentence": sentence}
+
+
 def _fmt(s: Mapping, digits: int = 3) -> str:
   if s.get("mean") is None:
     return "n/a"
@@ -689,7 +949,11 @@ def markdown_report(results: Mapping) -> str:
   ks = [f"{float(k):g}" for k in cfg["analysis"]["spike_ks"]]
   seeds = cfg["seeds"]
   lines = [f"# Attention-variant pretraining study (`{results['variant']}`)", "",
-           f"{len(results['kinds'])} kinds x {len(seeds)} seeds {list(seeds)}; "
+           f"{len(results['kinds'])} kinds" + (
+               f" + {len(results['controls'])} positive control"
+               f"{'s' if len(results['controls']) > 1 else ''} (see Controls)"
+               if results.get("controls") else "") +
+           f" x {len(seeds)} seeds {list(seeds)}; "
            f"{cfg['train']['steps']} steps of {cfg['train']['batch_size']} x "
            f"{cfg['train']['seq_len']} tokens on {list(cfg['data']['sources'])}; "
            f"{results['num_params'] or '?'} parameters (softmax). Distillation weight "
@@ -751,6 +1015,36 @@ def markdown_report(results: Mapping) -> str:
         cells.append("n/a" if c is None else f"{c['diff']:+.4g}" +
                      ("*" if c["beyond_2se"] else ""))
       lines.append("| " + " | ".join([kind] + cells) + " |")
+  ctrls = results.get("controls") or {}
+  if ctrls:
+    lines += ["", "## Controls", "",
+              "Positive controls: configurations expected to differ from softmax by a "
+              "modest, known margin, trained on the same batches with the same seeds and "
+              "measured the same way. A control beyond 2 SE of softmax shows the "
+              "instrument resolves a difference of its size.", ""]
+    head = ["control", "kind + overrides", "params", "final train loss", "val loss",
+            "val ppl", "grad-norm var", "Δ val loss vs softmax ± SE",
+            "Δ final train loss ± SE"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in ctrls.items():
+      cells = []
+      for key in ("validation_loss", "final_train_loss"):
+        c = e.get("vs_softmax", {}).get(key)
+        if c is None:
+          cells.append("n/a")
+        else:
+          z = _z(c)
+          cells.append(f"{c['diff']:+.3f} ± {c['se']:.3f}" + (
+              f" ({z:+.1f} SE)" if z is not None else "") + ("*" if c["beyond_2se"]
+                                                              else ""))
+      lines.append("| " + " | ".join(
+          [name, Control(name, e["kind"], e["overrides"]).describe(),
+           f"{e['num_params']:,}", _fmt(e["final_train_loss"]),
+           _fmt(e["validation_loss"]), _fmt(e["validation_perplexity"], 2),
+           _fmt(e["grad_norm_variance"], 4)] + cells) + " |")
+    check = results.get("instrument_check")
+    if check:
+      lines += ["", f"**{check['sentence']}**"]
   ref = results["paper_reference"]
   lines += ["", "## The paper's numbers (for reference only)", "", ref["source"] + ".", ""]
   lines += ["| size | kind | final loss | C4 ppl | grad-norm var (0-500) | spikes k=6 | "
@@ -772,17 +1066,24 @@ def markdown_report(results: Mapping) -> str:
 
 def make_plots(records: Mapping[str, Mapping], arrays: Mapping[str, Mapping],
                kinds: Sequence[str], seeds: Sequence[int], out_dir: pathlib.Path,
-               *, map_heads: Sequence[int] = (0, 1)) -> list[str]:
+               *, map_heads: Sequence[int] = (0, 1),
+               curve_extra: Sequence[str] = ()) -> list[str]:
   """The study's PNGs (file names returned): training curves (mean ± std over seeds),
   entropy / first-token mass / head diversity per layer (means over seeds), the
   per-query mass distribution (all seeds pooled), attention maps (first seed, last
-  layer)."""
+  layer). `curve_extra`: further run groups (the controls) drawn on the training curves
+  only (their shapes may differ from the kinds')."""
   from jaxsun.analysis import plots  # pylint: disable=g-import-not-at-top
-  names = {k: [run_name(k, s) for s in seeds if run_name(k, s) in records] for k in kinds}
-  names = {k: v for k, v in names.items() if v}
+
+  def group(ks):
+    out = {k: [run_name(k, s) for s in seeds if run_name(k, s) in records] for k in ks}
+    return {k: v for k, v in out.items() if v}
+
+  names = group(kinds)
   out = []
   curves = {k: {"loss": [arrays[n]["loss"] for n in v],
-                "grad_norm": [arrays[n]["grad_norm"] for n in v]} for k, v in names.items()}
+                "grad_norm": [arrays[n]["grad_norm"] for n in v]}
+            for k, v in {**names, **group(curve_extra)}.items()}
   means = [np.mean(np.stack([c[: min(map(len, d["loss"]))] for c in d["loss"]]), 0)
            for d in curves.values()]
   n = min(m.size for m in means)
@@ -848,14 +1149,19 @@ def run_study(config, workdir: str | os.PathLike) -> dict:
   from jaxsun import data as data_lib  # pylint: disable=g-import-not-at-top
   sw = common.Stopwatch()
   check_config(config)
+  ctrls = controls(config)
   workdir = common.prepare_workdir(workdir)
   tok_name = tokenizer_name(config)
   tokenizer = data_lib.get_tokenizer(tok_name)
   kinds, seeds = tuple(config.kinds), tuple(config.seeds)
   teacher, teacher_info = load_teacher(config, tokenizer.vocab_size)
   cfg0 = model_config(config.model, tokenizer.vocab_size, kinds[0])
-  total = len(kinds) * len(seeds)
-  print(f"[{JOB}] {total} runs ({len(kinds)} kinds x {len(seeds)} seeds): "
+  groups = [(k, None) for k in kinds] + [(c.kind, c) for c in ctrls]
+  total = len(groups) * len(seeds)
+  print(f"[{JOB}] {total} runs ({len(kinds)} kinds" + (
+      f" + {len(ctrls)} control{'s' if len(ctrls) > 1 else ''} "
+      f"({', '.join(c.name for c in ctrls)})" if ctrls else "") +
+        f" x {len(seeds)} seeds): "
         f"{cfg0.num_params():,} parameters ({kinds[0]}), tokenizer {tok_name!r}, "
         f"{config.train.steps} steps of {config.train.batch_size} x "
         f"{config.train.seq_len}" + (f", distilling from {teacher_info}" if teacher
@@ -864,13 +1170,14 @@ def run_study(config, workdir: str | os.PathLike) -> dict:
   records, arrays, reused = {}, {}, []
   i = 0
   for seed in seeds:  # seed-major: a partial study has every kind of the first seeds
-    for kind in kinds:
+    for kind, control in groups:  # the kinds, then the controls
       i += 1
-      name = run_name(kind, seed)
+      name = run_name(control.name if control else kind, seed)
       print(f"[{JOB}] run {i}/{total}: {name} (elapsed {sw.elapsed() / 60:.1f} min)",
             flush=True)
       rec, arr = run_one(config, kind, seed, tokenizer, workdir, teacher=teacher,
-                         teacher_info=teacher_info, val=val, keep_map=seed == seeds[0])
+                         teacher_info=teacher_info, val=val, keep_map=seed == seeds[0],
+                         control=control)
       if rec.pop("reused", False):
         reused.append(name)
       records[name], arrays[name] = rec, arr
@@ -879,8 +1186,14 @@ def run_study(config, workdir: str | os.PathLike) -> dict:
             f"grad-norm var {rec['grad_norm_variance']:.4g}, spikes " +
             ", ".join(f"k={float(k):g}: {rec[f'spikes_k{float(k):g}']}"
                       for k in config.analysis.spike_ks), flush=True)
-  agg = aggregate(records, kinds, seeds, tuple(config.analysis.spike_ks))
-  plots = make_plots(records, arrays, kinds, seeds, workdir)
+  names = tuple(c.name for c in ctrls)
+  agg = aggregate(records, kinds + names, seeds, tuple(config.analysis.spike_ks))
+  ctrl_agg = {c.name: {"kind": c.kind, "overrides": common.to_dict(c.overrides),
+                       **agg.pop(c.name)} for c in ctrls if c.name in agg}
+  check = instrument_check(agg, ctrl_agg)
+  if check:
+    print(f"[{JOB}] {check['sentence']}", flush=True)
+  plots = make_plots(records, arrays, kinds, seeds, workdir, curve_extra=names)
   ac = config.analysis
   results = {
       "job": JOB, "variant": config.get("variant", ""), "config": common.to_dict(config),
@@ -898,6 +1211,11 @@ def run_study(config, workdir: str | os.PathLike) -> dict:
           "grad_norm_variance": "np.var of the pre-clipping global gradient norm over "
                                 "the stability range",
           "std": "sample standard deviation over seeds (ddof=1)",
+          "controls": "positive controls (config.controls: name, kind, overrides of "
+                      "config.model / train.*), trained and measured like the kinds; "
+                      "their vs_softmax is the difference of means with SE = "
+                      "sqrt(s1^2/n1 + s2^2/n2); instrument_check compares it with the "
+                      "kinds' differences (validation loss)",
           "data": "every kind of a seed trains on the same batches in the same order "
                   "(the data order and the model init depend on the seed only)",
           "attention": f"{ac.sequences} validation sequences of {ac.length} tokens; "
@@ -906,6 +1224,8 @@ def run_study(config, workdir: str | os.PathLike) -> dict:
                        "normalised per query (jaxsun.analysis.attention_stats)"},
       "teacher": {k: v for k, v in teacher_info.items() if k != "model_config"} or None,
       "aggregate": agg,
+      "controls": ctrl_agg,
+      "instrument_check": check,
       "runs": {n: {k: v for k, v in r.items() if k not in ("identity",)}
                for n, r in records.items()},
       "paper_reference": PAPER_REFERENCE, "plots": plots,

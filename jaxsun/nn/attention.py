@@ -131,11 +131,15 @@ def resolve_impl(impl: str, dtype, head_dim: int, structure: str,
   Pallas splash attention on a TPU for the causal training mask in float32 or bfloat16
   with head_dim a multiple of 128 and (when `seq_len` is given) a sequence length splash
   tiles (`splash.shape_error`; `sdpa` checks it again and falls back to XLA); and XLA's
-  fused op otherwise.
+  fused op otherwise. On a CPU, where no fused kernel exists (XLA's op also
+  materialises the scores, and measured slower: experiments/benchmarks/attention.py),
+  "einsum": the same grouped einsums as the naive path inside the fused path's rewrites.
   """
   if impl != "auto":
     return impl
   backend = jax.default_backend()
+  if backend == "cpu":
+    return "einsum"
   if (backend == "gpu" and structure == "causal"
       and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
       and head_dim % 8 == 0 and head_dim <= 128):
@@ -169,7 +173,8 @@ def sdpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     structure: "causal", "decode" or "general" (`AttendInputs.structure`).
     positions: i32[B, T] query positions (structure "decode": row b sees slots
       <= positions[b, 0]).
-    impl: "xla" or "cudnn" (`jax.nn.dot_product_attention`'s implementation), or
+    impl: "xla" or "cudnn" (`jax.nn.dot_product_attention`'s implementation), "einsum"
+      (grouped einsums that materialise float32 scores: a CPU has no fused kernel), or
       "splash" (`jaxsun.nn.splash`, TPU: the causal structure with lengths splash tiles,
       the sink as splash's native sink logit; every other call falls back to "xla").
     sink: f32[Hkv, G] sink logits (0: off-by-one), or None (plain softmax).
@@ -183,6 +188,16 @@ def sdpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     impl = "xla"  # decode, explicit masks, lengths splash's blocks do not tile
   b, t, hkv, g, hd = q.shape
   k, v = k.astype(q.dtype), v.astype(q.dtype)
+  if impl == "einsum":  # XLA on a CPU: grouped einsums, no kernel to call
+    if structure == "causal":
+      mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, k.shape[1]), bool)), (b, t, k.shape[1]))
+    elif structure == "decode":
+      mask = jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]
+    probs = (softmax_probs(q, k, mask) if sink is None
+             else sink_probs(q, k, mask, sink))  # f32[B, Hkv, G, T, S]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
   scale = 1.0 / float(hd) ** 0.5
   if sink is not None:
     extra = 8 if impl == "cudnn" else 1  # cuDNN wants head_dim % 8 == 0
