@@ -22,16 +22,27 @@ statistics on validation sequences (entropy per layer, first-token mass, per-que
 mass, head diversity). Then mean +- std over seeds per kind: `results.json` (per run,
 aggregated, the paper's numbers side by side, labelled as the paper's at its scales),
 `results.md`, and PNG plots. A rerun with the same config resumes: finished runs are
-read back, an unfinished one continues from its checkpoint.
+read back, an unfinished one continues from its checkpoint (per run: adding kinds or
+controls leaves the earlier runs reusable).
+
+Positive controls (`controls`: `(name, kind, overrides)`, overrides of `model` fields or
+"train.steps" / "train.optimizer.<field>"): configurations known to differ from softmax
+by a modest margin, trained for every seed like a kind (runs `<name>_s<seed>`) and
+compared with softmax (difference, its SE, |diff| > 2 SE) in `results.json`
+(`controls`, `instrument_check`) and `results.md` (Controls, the instrument-check
+sentence). If a control is resolved, the kinds' differences read against it.
 
 Variants:
   :tiny          CPU. 6 kinds x 3 seeds of a 4-layer d_model 64 byte-level model
                  (~0.2M parameters), 300 steps of 16 x 128 tokens each, constant LR with
-                 warmup then a linear decay (WSD). Expected runtime: ~45 s per run,
-                 ~14 minutes in all on 2 CPU cores (measured 13.9 min).
+                 warmup then a linear decay (WSD), plus one positive control x 3 seeds:
+                 softmax with head_dim 8 instead of 16 ("softmax_head_dim_8"). Expected
+                 runtime: ~30-45 s per run, ~16 minutes in all on 2 CPU cores (measured
+                 13.9 min for the 18 kind runs, then 1.5 min for the 3 control runs).
   :gpu           one H100/H200, ~10 minutes: a ~30M model (d_model 512, 8 layers, 4k
                  BPE), seq 1024, batch 32, 300 steps, bfloat16 compute, scanned layers,
-                 remat="dots", 6 kinds x 3 seeds. Not run here (no GPU in this session).
+                 remat="dots", 6 kinds x 3 seeds, no control. Not run here (no GPU in
+                 this session).
   :qwen1.5-0.5b  the paper's shapes and recipe: Qwen1.5-0.5B (24 layers, d 1024, 16
   :llama-3.2-1b  heads), Llama-3.2-1B, Llama-3.2-3B; seq 2048, global batch 1024, 9000
   :llama-3.2-3b  steps (~18.9B tokens), LR 1e-3, weight decay 0.1, WSD with 100 warmup
@@ -44,8 +55,9 @@ Variants:
                  paper). These need a multi-accelerator run (data: FineWeb-Edu, which the
                  user prepares as a TFDS dataset); the job itself runs on one device.
 
-Measured result (`:tiny`, 18 runs, 13.9 min wall on the shared 2-core CPU, jax 0.11.2;
-experiments/results/attention/), mean +- std over seeds 0-2:
+Measured result (`:tiny`, 18 kind runs in 13.9 min wall on the shared 2-core CPU, then
+the 3 control runs in 1.5 min reusing them, jax 0.11.2; experiments/results/attention/),
+mean +- std over seeds 0-2:
 
   kind          final train loss  val loss        val ppl       grad-norm var    spikes k=6 / k=9
   softmax       2.112 +- 0.027    2.117 +- 0.023  8.31 +- 0.19  0.178 +- 0.036   3.0 / 0.7
@@ -54,20 +66,28 @@ experiments/results/attention/), mean +- std over seeds 0-2:
   gated         2.138 +- 0.007    2.146 +- 0.012  8.55 +- 0.10  0.114 +- 0.012   3.0 / 1.0
   affine        2.148 +- 0.028    2.152 +- 0.028  8.61 +- 0.24  2.305 +- 3.851   4.0 / 0.7
   affine_gated  2.148 +- 0.051    2.157 +- 0.043  8.65 +- 0.38  0.129 +- 0.090   4.0 / 0.7
+  control: softmax_head_dim_8 (softmax, head_dim 8; 189,184 parameters)
+                2.157 +- 0.011    2.162 +- 0.013  8.69 +- 0.11  0.131 +- 0.019   2.3 / 0.7
 
-  At this scale no variant beats softmax: all five are slightly worse (+0.016 to +0.040
-  nats of validation loss), each difference within 2 standard errors of the seed noise
-  (gated's +0.029 at 1.97 SE). The spike counts are mostly the same steps for every kind
-  of a seed (hard batches: the data order is shared), so they do not separate the
-  kinds. Affine's grad-norm variance is one event: seed 0 hit a gradient norm of 45.4 at
-  step 31 (right after the 30 warmup steps; clipped to 1; affine_gated seed 0 had 7.4 at
-  step 33); without that step its variance is 0.093, and the affine kinds have the
-  lowest variance in the other seeds (0.07-0.08 vs softmax's 0.14-0.22); gated's lower
-  variance is the one difference beyond 2 SE. The affine kinds put the least raw weight on the first
-  token (0.009 vs 0.022) only because their rows sum to ~0.43-0.49: as a share of each
-  query's mass the first token gets 0.021-0.023 for every kind (no attention sink has
-  formed in a 4-layer byte model after 300 steps). The paper's numbers (0.5B-3B with
-  KD) are in results.json for reference; they are not comparable in absolute value.
+  Instrument check: the control differs from softmax by +0.045 +- 0.015 nats of val loss
+  (3.0 SE; per seed +0.054, +0.069, +0.012): the instrument resolves a difference of
+  this size. At this scale no variant beats softmax: all five are slightly worse (+0.016
+  to +0.040 nats of validation loss), each difference within 2 standard errors of the
+  seed noise (gated's +0.029 at 1.97 SE; the largest, affine_gated's +0.040, at 1.4 SE),
+  so any effect of the attention kind on val loss here is smaller than about 0.10 nats
+  (the largest |diff| + 2 SE; above the control's 0.045 because affine_gated's seed
+  spread, std 0.043, is wider than the control's 0.013). The spike counts are mostly the
+  same steps for every kind of a seed (hard batches: the data order is shared), so they
+  do not separate the kinds. Affine's grad-norm variance is one event: seed 0 hit a
+  gradient norm of 45.4 at step 31 (right after the 30 warmup steps; clipped to 1;
+  affine_gated seed 0 had 7.4 at step 33); without that step its variance is 0.093, and
+  the affine kinds have the lowest variance in the other seeds (0.07-0.08 vs softmax's
+  0.14-0.22); gated's lower variance is the one difference beyond 2 SE. The affine kinds
+  put the least raw weight on the first token (0.009 vs 0.022) only because their rows
+  sum to ~0.43-0.49: as a share of each query's mass the first token gets 0.021-0.023
+  for every kind (no attention sink has formed in a 4-layer byte model after 300 steps).
+  The paper's numbers (0.5B-3B with KD) are in results.json for reference; they are not
+  comparable in absolute value.
 """
 
 import ml_collections
@@ -156,6 +176,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.analysis.stability_stop = 0  # [start, stop); 0: to the end
   c.analysis.map_len = 64  # attention maps: the first this many queries/keys
 
+  if arg == "tiny":
+    # The positive control: softmax with half the per-head width (head_dim 8 instead of
+    # 16; q/k/v/o of width 32, 24,576 fewer parameters), everything else as the kinds.
+    # One-seed probes put it +0.054 and +0.069 nats of val loss above softmax (seeds 0,
+    # 1; n_layers=2 was +0.255, n_layers=3 +0.043/+0.053, n_heads=1 +0.020); measured
+    # over seeds 0-2: +0.045 +- 0.015 (3.0 SE), resolved.
+    c.controls = (("softmax_head_dim_8", "softmax", {"head_dim": 8}),)
   if arg == "gpu":
     c.tokenizer = "bpe4k"
     c.model.update(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=1536,

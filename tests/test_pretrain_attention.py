@@ -88,22 +88,26 @@ def test_tiny_has_one_control_and_paper_variants_none():
     assert tuple(pa_config.get_config(variant).controls) == ()
 
 
+_C0 = r"config.controls\[0\].*"
+
+
 @pytest.mark.parametrize("controls, match", [
-    ((("softmax", "softmax", {"n_layers": 2}),), r"config.controls\[0\].*collides"),
-    ((("gated", "softmax", {"n_layers": 2}),), r"config.controls\[0\].*collides"),
-    ((("c", "softmax", {"n_layers": 2}), ("c", "gated", {})), r"config.controls\[1\].*twice"),
-    ((("c", "flash_softmax", {"n_layers": 2}),), r"config.controls\[0\].*unknown attention kind"),
-    ((("c", "softmax", {"n_layer": 2}),), r"config.controls\[0\].*'n_layer' is not a ModelConfig field"),
-    ((("c", "softmax", {"attention": "gated"}),), r"config.controls\[0\].*set by the control's kind"),
-    ((("c", "softmax", {"n_heads": 3}),), r"config.controls\[0\].*n_heads"),
-    ((("c", "softmax", {"affine": {"nope": 1}}),), r"config.controls\[0\].*nope"),
-    ((("c", "softmax", {"max_len": 64}),), r"config.controls\[0\].*max_len=64"),
-    ((("c", "softmax", {"train.batch_size": 8}),), r"config.controls\[0\].*cannot be overridden"),
-    ((("c", "softmax", {"train.optimizer.lr": 1.0}),), r"config.controls\[0\].*unknown optimizer field"),
-    ((("c", "softmax", {"train.steps": 5}),), r"config.controls\[0\].*train.steps=5"),
-    ((("c/d", "softmax", {"n_layers": 2}),), r"config.controls\[0\].*name"),
-    ((("c", "softmax"),), r"config.controls\[0\].*triple"),
-    ((("c", "softmax", ("n_layers", 2)),), r"config.controls\[0\].*triple"),
+    ((("softmax", "softmax", {"n_layers": 2}),), _C0 + "collides"),
+    ((("gated", "softmax", {"n_layers": 2}),), _C0 + "collides"),
+    ((("c", "softmax", {"n_layers": 2}), ("c", "gated", {})),
+     r"config.controls\[1\].*twice"),
+    ((("c", "flash_softmax", {"n_layers": 2}),), _C0 + "unknown attention kind"),
+    ((("c", "softmax", {"n_layer": 2}),), _C0 + "'n_layer' is not a ModelConfig field"),
+    ((("c", "softmax", {"attention": "gated"}),), _C0 + "set by the control's kind"),
+    ((("c", "softmax", {"n_heads": 3}),), _C0 + "n_heads"),
+    ((("c", "softmax", {"affine": {"nope": 1}}),), _C0 + "nope"),
+    ((("c", "softmax", {"max_len": 64}),), _C0 + "max_len=64"),
+    ((("c", "softmax", {"train.batch_size": 8}),), _C0 + "cannot be overridden"),
+    ((("c", "softmax", {"train.optimizer.lr": 1.0}),), _C0 + "unknown optimizer field"),
+    ((("c", "softmax", {"train.steps": 5}),), _C0 + "train.steps=5"),
+    ((("c/d", "softmax", {"n_layers": 2}),), _C0 + "name"),
+    ((("c", "softmax"),), _C0 + "triple"),
+    ((("c", "softmax", ("n_layers", 2)),), _C0 + "triple"),
 ])
 def test_control_errors(controls, match):
   c = pa_config.get_config("tiny")
@@ -136,10 +140,12 @@ def test_control_identity_leaves_the_kinds_unchanged():
 def test_instrument_check_sentence():
   def cmp(diff, se):
     return {"diff": diff, "se": se, "beyond_2se": abs(diff) > 2 * se}
-  agg = {"softmax": {}, "gated": {"vs_softmax": {"validation_loss": cmp(0.03, 0.02)}},
+  agg = {"softmax": {}, "gated": {"vs_softmax": {"validation_loss": cmp(0.03, 0.02)},
+                                  "validation_loss": {"std": 0.03}},
          "sink": {"vs_softmax": {"validation_loss": cmp(-0.01, 0.01)}}}
   ctrl = {"half": {"kind": "softmax", "overrides": {"n_layers": 2},
-                   "vs_softmax": {"validation_loss": cmp(0.10, 0.02)}}}
+                   "vs_softmax": {"validation_loss": cmp(0.10, 0.02)},
+                   "validation_loss": {"std": 0.01}}}
   check = pa.instrument_check(agg, ctrl)
   assert check["instrument_works"] and check["resolved"] == ["half"]
   assert check["largest_variant"]["kind"] == "gated"
@@ -148,7 +154,12 @@ def test_instrument_check_sentence():
   s = check["sentence"]
   assert "half (softmax with n_layers=2)" in s and "+0.100 ± 0.020 (+5.0 SE)" in s
   assert "resolves differences of this size" in s and "gated's +0.030 ± 0.020" in s
-  assert "smaller than about 0.07 nats" in s
+  assert "smaller than about 0.07 nats (the largest |diff| + 2 SE, gated's)." in s
+  assert check["variant_bound_kind"] == "gated"
+  ctrl["half"]["vs_softmax"]["validation_loss"] = cmp(0.05, 0.01)  # below the bound
+  s = pa.instrument_check(agg, ctrl)["sentence"]
+  assert ("that bound exceeds the control's 0.050 because gated's seed spread (std "
+          "0.030) is wider than the control's (0.010)") in s
   ctrl["half"]["vs_softmax"]["validation_loss"] = cmp(0.03, 0.02)
   check = pa.instrument_check(agg, ctrl)
   assert not check["instrument_works"] and "does NOT resolve" in check["sentence"]
@@ -171,9 +182,9 @@ def test_layer_attention_weights_in_both_layouts(cfg):
                                rtol=1e-5, atol=1e-6)
 
 
-def _micro(kinds=("softmax", "affine"), seeds=(0, 1), steps=5):
+def _micro(kinds=("softmax", "affine"), seeds=(0, 1), steps=5, controls=()):
   c = pa_config.get_config("tiny")
-  c.kinds, c.seeds = kinds, seeds
+  c.kinds, c.seeds, c.controls = kinds, seeds, controls
   c.model.update(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=64, max_len=32)
   c.train.update(seq_len=32, batch_size=4, steps=steps, final_window=2, eval_batches=2,
                  progress_every=5)
@@ -232,12 +243,11 @@ def test_micro_study_writes_results_and_plots(tmp_path):
 
   # Adding a control to the same workdir reuses every earlier run and trains only the
   # control's seeds (same batches, same measurements).
-  c = _micro()
-  c.controls = (("softmax_1_layer", "softmax", {"n_layers": 1}),)
+  c = _micro(controls=(("softmax_1_layer", "softmax", {"n_layers": 1}),))
   ctl = jobs.run(c, tmp_path)
   assert sorted(ctl["reused_runs"]) == sorted(res["runs"])
-  assert sorted(ctl["runs"]) == sorted(res["runs"]) + ["softmax_1_layer_s0",
-                                                       "softmax_1_layer_s1"]
+  assert sorted(ctl["runs"]) == sorted([*res["runs"], "softmax_1_layer_s0",
+                                        "softmax_1_layer_s1"])
   assert ctl["aggregate"] == res["aggregate"]  # the kinds only
   run = ctl["runs"]["softmax_1_layer_s0"]
   assert run["kind"] == "softmax" and run["control"] == "softmax_1_layer"

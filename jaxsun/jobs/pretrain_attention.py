@@ -871,7 +871,7 @@ def instrument_check(aggregate_: Mapping[str, Mapping], controls_: Mapping[str, 
     "instrument_works" (some control resolved), "largest_variant": {"kind", "diff",
     "se", "z", "beyond_2se"} (the kind with the largest |diff|), "variants_beyond_2se",
     "variant_bound" (max over kinds of |diff| + 2 SE: differences larger than this
-    would most likely have been seen), "sentence"}.
+    would most likely have been seen) and "variant_bound_kind" (whose), "sentence"}.
   """
   if "softmax" not in aggregate_ or not controls_:
     return None
@@ -893,8 +893,11 @@ def instrument_check(aggregate_: Mapping[str, Mapping], controls_: Mapping[str, 
     kind = max(variants, key=lambda k: abs(variants[k]["diff"]))
     largest = {"kind": kind, **variants[kind]}
   beyond = [k for k, v in variants.items() if v["beyond_2se"]]
-  bound = (max(abs(v["diff"]) + 2 * v["se"] for v in variants.values())
-           if variants and all(v["se"] for v in variants.values()) else None)
+  bound = bound_kind = None
+  if variants and all(v["se"] for v in variants.values()):
+    reach = {k: abs(v["diff"]) + 2 * v["se"] for k, v in variants.items()}
+    bound_kind = max(reach, key=reach.get)
+    bound = reach[bound_kind]
   resolved = [n for n, c in ctrl.items() if c["beyond_2se"]]
   label = measure.replace("_", " ")
 
@@ -926,13 +929,23 @@ def instrument_check(aggregate_: Mapping[str, Mapping], controls_: Mapping[str, 
       sentence += "; no variant differs from softmax by more than 2 SE"
       if resolved and bound is not None:
         sentence += (f", so any effect of the attention kind on {label} at this scale is "
-                     f"smaller than about {bound:.2f} nats (the largest |diff| + 2 SE), "
-                     "while a difference of the control's size is resolved.")
+                     f"smaller than about {bound:.2f} nats (the largest |diff| + 2 SE, "
+                     f"{bound_kind}'s)")
+        smallest = min(resolved, key=lambda n: abs(ctrl[n]["diff"]))
+        s_kind = aggregate_[bound_kind].get(measure, {}).get("std")
+        s_ctrl = controls_[smallest].get(measure, {}).get("std")
+        d_ctrl = abs(ctrl[smallest]["diff"])
+        if bound > d_ctrl and s_kind is not None and s_ctrl is not None:
+          sentence += (f"; that bound exceeds the control's {d_ctrl:.3f} because"
+                       f" {bound_kind}'s seed spread (std {s_kind:.3f}) is wider "
+                       f"than the control's ({s_ctrl:.3f})")
+        sentence += "."
       else:
         sentence += "."
   return {"measure": measure, "controls": ctrl, "resolved": resolved,
           "instrument_works": bool(resolved), "largest_variant": largest,
-          "variants_beyond_2se": beyond, "variant_bound": bound, "sentence": sentence}
+          "variants_beyond_2se": beyond, "variant_bound": bound,
+          "variant_bound_kind": bound_kind, "sentence": sentence}
 
 
 def _fmt(s: Mapping, digits: int = 3) -> str:

@@ -468,9 +468,15 @@ class Trainer:
     state = jax.tree.map(jnp.copy, self.state)
     checkpointer.save(self.step, state, meta=meta)
 
-  def restore(self, checkpointer, batches=None, step: int | None = None) -> dict | None:
-    """Restores the latest (or `step`) checkpoint and the data position; returns its meta."""
-    out = checkpointer.restore(self.state, step=step)
+  def restore(self, checkpointer, batches=None, step: int | None = None, *,
+              saved_scan_layers: bool | None = None) -> dict | None:
+    """Restores the latest (or `step`) checkpoint and the data position; returns its meta.
+
+    `saved_scan_layers`: the layer layout the checkpoint was written in when it differs
+    from this run's `ModelConfig.scan_layers` (parameters and optimizer moments are
+    converted, `Checkpointer.restore`); None: the same layout.
+    """
+    out = checkpointer.restore(self.state, step=step, saved_scan_layers=saved_scan_layers)
     if out is None:
       return None
     self.state, meta = out
