@@ -34,7 +34,6 @@ The functions are importable (a notebook calls `run_study` or the pieces).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 import math
@@ -489,32 +488,10 @@ def load_teacher(config, tokenizer_vocab: int) -> tuple[jaxsun.SplitModel | None
 # ----------------------------------------------------------------------------- attention
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _block_step(graphdef, state, x, positions):
-  """(the block's output, its effective attention weights f32[B, H, T, T])."""
-  block = nnx.merge(graphdef, state)
-  w = block.attn.attention_weights(block.attn_norm(x), positions)
-  x, _ = block(x, positions)
-  return x, w
-
-
 def layer_attention_weights(model: jaxsun.Decoder, tokens) -> Iterator[np.ndarray]:
-  """Train-mode effective attention weights, one layer at a time: f32[B, H, T, T] each.
-
-  Runs the blocks one by one (x = embed(tokens); per block: the weights of
-  attn(attn_norm(x)), then x = block(x)), so only one layer's weights are held at once
-  (all layers of the paper-scale analysis would be tens of GB). Equals
-  `Decoder.attention_weights(tokens)[i]` for layer i.
-  """
-  from jaxsun.nn import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
-  if model.cfg.scan_layers:
-    model = decoder_lib.with_layout(model, False)
-  tokens = jnp.asarray(tokens, jnp.int32)
-  b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  x = model.embed(tokens)
-  for blk in model.layers:
-    x, w = _block_step(*nnx.split(blk), x, positions)
+  """Train-mode effective attention weights, one layer at a time: f32[B, H, T, T] each
+  (`Decoder.layer_attention_weights`, as numpy)."""
+  for w in model.layer_attention_weights(jnp.asarray(tokens, jnp.int32)):
     yield np.asarray(w, np.float32)
 
 

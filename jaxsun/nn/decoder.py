@@ -128,6 +128,15 @@ def _block_body(graphdef, x, layer_state, layer_cache, key, positions, lengths,
   return x, layer_cache
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_step(graphdef, state, x, positions, segment_ids):
+  """(a block's output, its effective attention weights f32[B, H, T, T]), compiled once
+  per block structure."""
+  blk = nnx.merge(graphdef, state)
+  w = blk.attn.attention_weights(blk.attn_norm(x), positions, segment_ids)
+  return blk(x, positions, segment_ids=segment_ids)[0], w
+
+
 def _remat(fn, remat: str, *, prevent_cse: bool):
   """`fn` under `jax.checkpoint` with `REMAT_POLICIES[remat]` ("none": `fn` itself)."""
   if remat not in REMAT_POLICIES:
@@ -294,22 +303,29 @@ class Decoder(nnx.Module):
     For `jaxsun.analysis` (entropy, first-token mass, per-query mass, head diversity).
     Each kind reports the weights its naive path multiplies V by (`Attention.weights`:
     affine's alpha * softmax + beta, the sink's shrunken rows); gates act on the output
-    and are not included. Materialises [B, H, T, T] per layer: for analysis lengths.
+    and are not included. `layer_attention_weights` yields them one layer at a time.
 
     Args:
       tokens: i32[B, T] token ids.
       segment_ids: i32[B, T] optional packed-sequence segments.
     """
+    return jnp.stack(list(self.layer_attention_weights(tokens, segment_ids=segment_ids)))
+
+  def layer_attention_weights(self, tokens: jax.Array, *,
+                              segment_ids: jax.Array | None = None):
+    """Yields each layer's f32[B, H, T, T] weights in turn (one layer held at a time:
+    the paper-scale analysis would need tens of GB for all of them at once)."""
     validation.check_tokens("tokens", tokens, self.cfg.vocab_size)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     blocks = (unstack_module(self.layers, self.cfg.n_layers) if self.cfg.scan_layers
               else list(self.layers))
-    x, maps = self.embed(tokens), []
+    x = self.embed(tokens)
     for blk in blocks:
-      maps.append(blk.attn.attention_weights(blk.attn_norm(x), positions, segment_ids))
-      x, _ = blk(x, positions, segment_ids=segment_ids)
-    return jnp.stack(maps)
+      graphdef, state = nnx.split(blk)
+      x, w = _attention_step(graphdef, state, x, positions, segment_ids)
+      yield w
+
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Final norm + LM head: [..., D] -> f32[..., V]."""
