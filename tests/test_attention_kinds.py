@@ -390,3 +390,16 @@ def test_cpu_einsum_path_equals_naive_in_train_and_decode(kind):
     _, cache = model(tokens[:, :8], mode="prefill", cache=cache)
     outs.append(model(tokens[:, 8:9], mode="decode", cache=cache)[0])
   assert rel_err(outs[0], outs[1]) <= TOL
+
+
+def test_every_kind_in_bfloat16_compute_stays_close_to_float32():
+  """bf16 matmuls, float32 softmax statistics and logits, on the fused path."""
+  for kind in KINDS:
+    cfg = jaxsun.ModelConfig.preset("tiny", init_std=0.25, attention=kind)
+    fused = jaxsun.Decoder(cfg.replace(attention_impl="xla"), rngs=nnx.Rngs(0))
+    bf16 = jaxsun.Decoder(cfg.replace(attention_impl="xla", compute_dtype="bfloat16"),
+                          rngs=nnx.Rngs(0))
+    tokens = random_tokens(11, (2, 16), cfg.vocab_size)
+    out = bf16(tokens)[0]
+    assert out.dtype == jnp.float32, kind
+    assert 1e-4 < rel_err(out, fused(tokens)[0]) < 5e-2, kind  # bf16 ran, and is close
