@@ -27,18 +27,22 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   return workdir
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON via a temporary file and a rename: readers never see half a file."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` via a temporary file and a rename: readers never see half a file."""
   path = pathlib.Path(path)
   fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
   try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=2, sort_keys=False)
-      f.write("\n")
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
     os.replace(tmp, path)
   except BaseException:
     pathlib.Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON atomically (`write_bytes_atomic`)."""
+  write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def to_dict(config) -> dict:

@@ -573,9 +573,7 @@ def _series(logdir: pathlib.Path, key: str) -> np.ndarray:
 def _write_npz_atomic(path: pathlib.Path, arrays: Mapping[str, np.ndarray]) -> None:
   buf = io.BytesIO()
   np.savez_compressed(buf, **arrays)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
-  os.replace(tmp, path)
+  common.write_bytes_atomic(path, buf.getvalue())
 
 
 def run_identity(config, kind: str, seed: int, model_cfg: ModelConfig, teacher_info: dict,
@@ -1226,16 +1224,10 @@ def run_study(config, workdir: str | os.PathLike) -> dict:
       "jax": jax.__version__,
       "backend": jax.default_backend()}
   common.write_json_atomic(workdir / "results.json", results)
-  _write_text_atomic(workdir / "results.md", markdown_report(results))
+  common.write_bytes_atomic(workdir / "results.md", markdown_report(results).encode())
   print(f"[{JOB}] done in {sw.elapsed() / 60:.1f} min: {workdir / 'results.json'}",
         flush=True)
   return results
-
-
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
 
 
 def run(config, workdir: str | os.PathLike) -> dict:
