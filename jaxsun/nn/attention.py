@@ -43,7 +43,6 @@ variants.py holds a complete, tested example.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -53,7 +52,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxsun import kv_cache
-from jaxsun.nn import fp8_linear
 from jaxsun.nn import layers
 from jaxsun.nn import splash
 from jaxsun.nn.step_state import StepState, read_with_update
@@ -314,7 +312,7 @@ class Attention(nnx.Module):
     self.dtype = cfg.dtype
     self.impl = cfg.attention_impl
     kw = dict(std=cfg.init_std, param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs)
-    dense = functools.partial(fp8_linear.dense, cfg.fp8)  # Linear, or Fp8Linear by config
+    dense = layers.Linear  # FP8 (`cfg.fp8`) swaps them afterwards: fp8_linear.apply
     self.q_proj = dense(cfg.d_model, cfg.q_dim, ("embed", "heads"), **kw)
     self.k_proj = dense(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
     self.v_proj = dense(cfg.d_model, cfg.kv_dim, ("embed", "kv_heads"), **kw)
@@ -502,9 +500,9 @@ class _Gate(nnx.Module):
   """The head-specific elementwise output gate sigmoid(X W_gate) (Qiu et al. 2025)."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
-    self.gate_proj = fp8_linear.dense(cfg.fp8, cfg.d_model, cfg.q_dim, ("embed", "heads"),
-                                      std=cfg.init_std, param_dtype=cfg.params_dtype,
-                                      dtype=cfg.dtype, rngs=rngs)
+    self.gate_proj = layers.Linear(cfg.d_model, cfg.q_dim, ("embed", "heads"),
+                                   std=cfg.init_std, param_dtype=cfg.params_dtype,
+                                   dtype=cfg.dtype, rngs=rngs)
 
   def __call__(self, out: jax.Array, x: jax.Array) -> jax.Array:
     g = jax.nn.sigmoid(self.gate_proj(x, out_dtype=jnp.float32))  # f32[B, T, H * hd]

@@ -45,6 +45,7 @@ from jaxsun import kv_cache
 from jaxsun import validation
 from jaxsun.config import ModelConfig
 from jaxsun.nn import attention as attention_lib
+from jaxsun.nn import fp8_linear
 from jaxsun.nn import layers
 
 
@@ -89,8 +90,8 @@ class Block(nnx.Module):
     self.attn = attention_lib.ATTENTION_KINDS[cfg.attention](cfg, rngs=rngs)
     self.mlp_norm = layers.RMSNorm(cfg.d_model, **norm)
     self.mlp = layers.SwiGLU(cfg.d_model, cfg.d_ff, std=cfg.init_std,
-                             param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs,
-                             fp8=cfg.fp8)
+                             param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs)
+    fp8_linear.apply(self, cfg.fp8)  # the FP8 quantization rule (`jaxsun.quant.api`)
 
   def __call__(self, x, positions, *, cache=None, lengths=None, new_lengths=None,
                segment_ids=None, key=None, causal=False):

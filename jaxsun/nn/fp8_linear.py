@@ -15,6 +15,8 @@ Two scaling modes (`ModelConfig.fp8`):
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -25,6 +27,8 @@ from jaxsun.quant import fp8
 from pallas_kernels.fp8_matmul import fp8_matmul
 
 FP8_MODES = ("none", "delayed", "current")
+# The layers `ModelConfig.fp8` runs in FP8: every projection of attention and the MLP.
+FP8_LAYERS = r"(.*/)?(attn|mlp)/.+"
 HISTORY = 16
 _E4M3 = fp8.FP8_FORMATS["e4m3"]
 _E5M2 = fp8.FP8_FORMATS["e5m2"]
@@ -108,6 +112,21 @@ class Fp8Linear(nnx.Module):
       setattr(self, f"{name}_history", Fp8Meta(jnp.zeros((history,), jnp.float32)))
       setattr(self, f"{name}_scale", Fp8Meta(jnp.ones((), jnp.float32)))
 
+  @classmethod
+  def from_linear(cls, linear: layers.Linear, *, mode: str = "delayed",
+                  history: int = HISTORY) -> Fp8Linear:
+    """An `Fp8Linear` sharing `linear`'s kernel variable (how the quantization rules
+    build it: `jaxsun.quant.api`)."""
+    d_in, d_out = linear.kernel.shape
+    layer = nnx.eval_shape(lambda: cls(d_in, d_out, (None, None), std=1.0,
+                                       param_dtype=linear.kernel.dtype, dtype=linear.dtype,
+                                       rngs=nnx.Rngs(0), mode=mode, history=history))
+    layer.kernel = linear.kernel
+    for name in ("x", "w", "g"):
+      setattr(layer, f"{name}_history", Fp8Meta(jnp.zeros((history,), jnp.float32)))
+      setattr(layer, f"{name}_scale", Fp8Meta(jnp.ones((), jnp.float32)))
+    return layer
+
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:  # [..., in] -> [..., out]
     out_dtype = self.dtype if out_dtype is None else out_dtype
     lead = x.shape[:-1]
@@ -122,10 +141,22 @@ class Fp8Linear(nnx.Module):
     return y.reshape(*lead, self.out_features).astype(out_dtype)
 
 
-def dense(fp8_mode: str, in_features: int, out_features: int, axes: tuple[str, str], **kw):
-  """`Linear` when `fp8_mode == "none"`, else an `Fp8Linear` in that mode."""
-  if fp8_mode not in FP8_MODES:
-    raise ValueError(f"fp8 mode {fp8_mode!r} is not one of {FP8_MODES}")
-  if fp8_mode == "none":
-    return layers.Linear(in_features, out_features, axes, **kw)
-  return Fp8Linear(in_features, out_features, axes, mode=fp8_mode, **kw)
+def apply(module: nnx.Module, mode: str) -> nnx.Module:
+  """Swaps every attention / MLP `Linear` under `module` for an `Fp8Linear`, in place.
+
+  `ModelConfig.fp8` builds its blocks this way: the FP8 rule of `jaxsun.quant.api`
+  (path `(.*/)?(attn|mlp)/.+`, `Fp8Scheme(mode)`), kept here so that FP8 models need
+  nothing beyond jax and flax. The kernels are shared, not copied.
+  """
+  if mode not in FP8_MODES:
+    raise ValueError(f"fp8 mode {mode!r} is not one of {FP8_MODES}")
+  if mode == "none":
+    return module
+  for path, m in list(nnx.iter_modules(module)):
+    name = "/".join(map(str, path))
+    if type(m) is layers.Linear and re.fullmatch(FP8_LAYERS, name):
+      parent = module
+      for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+      setattr(parent, path[-1], Fp8Linear.from_linear(m, mode=mode))
+  return module

@@ -10,7 +10,6 @@ and everything statistical run in float32.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -91,10 +90,9 @@ class SwiGLU(nnx.Module):
   """down(silu(gate(x)) * up(x)), the Llama MLP."""
 
   def __init__(self, d_model: int, d_ff: int, *, std: float, param_dtype, dtype,
-               rngs: nnx.Rngs, fp8: str = "none"):
-    from jaxsun.nn import fp8_linear  # pylint: disable=g-import-not-at-top  (cycle)
+               rngs: nnx.Rngs):
     kw = dict(std=std, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-    dense = functools.partial(fp8_linear.dense, fp8)  # Linear, or Fp8Linear by config
+    dense = Linear  # quantized variants replace them afterwards (jaxsun.quant)
     self.gate_proj = dense(d_model, d_ff, ("embed", "mlp"), **kw)
     self.up_proj = dense(d_model, d_ff, ("embed", "mlp"), **kw)
     self.down_proj = dense(d_ff, d_model, ("mlp", "embed"), **kw)

@@ -1,5 +1,8 @@
 """`CodebookLinear` and `quantize_model`: codebook-quantize a jaxsun model's dense layers.
 
+`quantize_model` is the codebook rule of `jaxsun.quant.api.quantize`, kept under its
+name; `capture_inputs` is the calibration pass every rule uses.
+
     qmodel, report = quantize_model(model, calib_tokens, pattern=r"layers/\\d+/(attn|mlp)/.*",
                                     fmt=CodebookFormat.parse("m1v4g128"))
 
@@ -58,16 +61,6 @@ class CodebookLinear(nnx.Module):
     lead = x.shape[:-1]
     y = psumbook_matmul(x.reshape(-1, self.in_features), self.weight, backend=self.backend)
     return y.reshape(*lead, self.out_features).astype(out_dtype)
-
-
-def _set(root, path, value) -> None:
-  parent = root
-  for p in path[:-1]:
-    parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-  if isinstance(path[-1], int):
-    parent[path[-1]] = value
-  else:
-    setattr(parent, path[-1], value)
 
 
 def _scanned(model) -> bool:
@@ -137,29 +130,23 @@ def quantize_model(model: nnx.Module, calib_tokens: jax.Array, *, pattern: str,
                    backend: str = "auto") -> tuple[nnx.Module, dict]:
   """A copy of `model` with the matching Linears codebook-quantized; returns (model, report).
 
-  The report maps each layer to its relative output error after initialisation and after
-  each quantizer round. A scanned Decoder is quantized in the unrolled layout (per-layer
-  calibration inputs, per-layer `pattern`) and returned scanned.
+  The codebook rule of `jaxsun.quant.api.quantize` (`Rule(pattern, CodebookScheme(...))`)
+  under its historical name. The report maps each layer to its relative output error
+  after initialisation and after each quantizer round. A scanned Decoder is quantized in
+  the unrolled layout (per-layer calibration inputs, per-layer `pattern`) and returned
+  scanned.
   """
-  if _scanned(model):
-    from jaxsun.nn import decoder  # pylint: disable=g-import-not-at-top  (cycle via fp8)
-    qmodel, report = quantize_model(decoder.unstack_layers(model), calib_tokens,
-                                    pattern=pattern, fmt=fmt, cfg=cfg, backend=backend)
-    return decoder.stack_layers(qmodel), report
-  paths = select_linears(model, pattern)
-  for name, path in paths.items():
-    mod = model
-    for p in path:
-      mod = mod[p] if isinstance(p, int) else getattr(mod, p)
-    fmt.check_shape(*mod.kernel.shape)
-  inputs = capture_inputs(model, calib_tokens, paths)
-  qmodel = nnx.clone(model)
-  report = {}
-  for name, path in paths.items():
-    mod = model
-    for p in path:
-      mod = mod[p] if isinstance(p, int) else getattr(mod, p)
-    q, history = codebook.quantize_linear(mod.kernel[...], inputs[name], fmt, cfg)
-    _set(qmodel, path, CodebookLinear(q, dtype=mod.dtype, backend=backend))
-    report[name] = history
-  return qmodel, report
+  from jaxsun.quant import api  # pylint: disable=g-import-not-at-top  (api imports this module)
+  from jaxsun.quant.schemes import CodebookScheme  # pylint: disable=g-import-not-at-top
+  rule = api.Rule(pattern, CodebookScheme(fmt, cfg, backend))
+  select_linears(decoder_unrolled(model), pattern)  # the historical error for no match
+  qmodel, report = api.quantize(model, [rule], calib_tokens=calib_tokens)
+  return qmodel, {name: entry["history"] for name, entry in report["layers"].items()}
+
+
+def decoder_unrolled(model: nnx.Module) -> nnx.Module:
+  """`model` in the unrolled layout (per-layer paths), unstacking a scanned Decoder."""
+  if not _scanned(model):
+    return model
+  from jaxsun.nn import decoder  # pylint: disable=g-import-not-at-top  (cycle via fp8)
+  return decoder.unstack_layers(model)

@@ -1,9 +1,12 @@
-"""Post-training quantization: pure quantizer functions (the block-reconstruction
-driver and the model-level interface build on them).
+"""Post-training quantization: pure quantizer functions, the methods built on them, and
+the block-reconstruction driver (`jaxsun.quant.api.quantize` is the model-level entry).
 
     jaxsun.quant.ptq.quantizers   RTN, FlexRound and LRQ uniform weight quantizers
     jaxsun.quant.ptq.bcq          binary-coding quantization: format, exact uniform -> BCQ
                                   conversion, alternating solver, LUT-GEMM-style reference
+    jaxsun.quant.ptq.uniquanf     UniQuanF: unified init, local/periodic mapping, export
+    jaxsun.quant.ptq.methods      rtn / flexround / lrq / uniquanf / bcq as one protocol
+    jaxsun.quant.ptq.reconstruct  block-output reconstruction (Adam + cosine, one jit)
 """
 
 from jaxsun.quant.ptq.quantizers import (

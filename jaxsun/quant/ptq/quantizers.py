@@ -217,13 +217,37 @@ def _learned_round(w: jax.Array, log_s1: jax.Array, log_div: jax.Array,
   return s1 * (_codes(x, z, scheme, ste=True) - z)
 
 
+def _learned_codes(w: jax.Array, log_s1: jax.Array, log_div: jax.Array,
+                   scheme: UniformScheme) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The integer weight `_learned_round` computes: (codes[in, out], scale, zero).
+
+  `dequantize(codes, scale, zero)` equals `_learned_round`'s value: the per-weight
+  divisor only picks the level; the stored scale is s1 (FlexRound / LRQ deploy as RTN).
+  """
+  _check_weight(w)
+  g = scheme.group(w.shape[0])
+  scale, zero = rtn_params(w, scheme)
+  s1 = scale * jnp.exp(log_s1)  # f32[in // g, out]
+  x = w / (_expand(s1, g) * jnp.exp(log_div))
+  codes = _codes(x, _expand(zero, g), scheme).astype(scheme.code_dtype)
+  return codes, s1, zero
+
+
+def _flexround_div(params: FlexRoundParams) -> jax.Array:
+  log_div = params.s2 + params.s3  # f32[in, out]
+  return log_div if params.s4 is None else log_div + params.s4
+
+
 def flexround_quant(w: jax.Array, params: FlexRoundParams,
                     scheme: UniformScheme) -> jax.Array:
   """FlexRound fake-quantized weight f32[in, out] (differentiable in `params`)."""
-  log_div = params.s2 + params.s3  # f32[in, out]
-  if params.s4 is not None:
-    log_div = log_div + params.s4
-  return _learned_round(w, params.log_s1, log_div, scheme)
+  return _learned_round(w, params.log_s1, _flexround_div(params), scheme)
+
+
+def flexround_export(w: jax.Array, params: FlexRoundParams, scheme: UniformScheme
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(codes, scale, zero) of the FlexRound weight, for an integer layer."""
+  return _learned_codes(w, params.log_s1, _flexround_div(params), scheme)
 
 
 # --- LRQ --------------------------------------------------------------------------------
@@ -273,10 +297,19 @@ def lrq_init(w: jax.Array, scheme: UniformScheme, rank: int,
       c=jnp.zeros((d_in, 1), jnp.float32))
 
 
+def _lrq_div(params: LRQParams) -> jax.Array:
+  return params.a @ params.b + params.r + params.c  # f32[in, out]
+
+
 def lrq_quant(w: jax.Array, params: LRQParams, scheme: UniformScheme) -> jax.Array:
   """LRQ fake-quantized weight f32[in, out] (differentiable in `params`)."""
-  log_div = params.a @ params.b + params.r + params.c  # f32[in, out]
-  return _learned_round(w, params.log_s1, log_div, scheme)
+  return _learned_round(w, params.log_s1, _lrq_div(params), scheme)
+
+
+def lrq_export(w: jax.Array, params: LRQParams, scheme: UniformScheme
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(codes, scale, zero) of the LRQ weight, for an integer layer."""
+  return _learned_codes(w, params.log_s1, _lrq_div(params), scheme)
 
 
 def num_params(params: FlexRoundParams | LRQParams) -> int:
