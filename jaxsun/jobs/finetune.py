@@ -200,8 +200,9 @@ def fit_task_model(base: jaxsun.SplitModel, task: str, regime: str, tokenizer, *
   # A shared tree must come out bitwise as it went in (it is every task's tree).
   shared = {"prefill": "decode", "decode": "prefill"}.get(trainability)
   if shared:
-    summary[f"shared_{shared}_tree_unchanged"] = same_arrays(getattr(split, shared),
-                                                             base.prefill)
+    # Against the base's own tree of that kind (QSUN's base has a quantized decode tree).
+    before = base.decode_state if shared == "decode" else base.prefill
+    summary[f"shared_{shared}_tree_unchanged"] = same_arrays(getattr(split, shared), before)
   if lora.adapter_count(split):
     summary["adapter_params"] = lora.adapter_count(split)
     base_tree = nnx.filter_state(split.prefill if trainability != "decode" else split.decode,

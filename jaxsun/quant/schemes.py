@@ -10,7 +10,8 @@ The papers' schemes are presets of `IntScheme` (`parse_scheme`):
     "w8a8"    8-bit per-channel symmetric weights, 8-bit per-tensor *static* activations
     "w4a8"    4-bit per-channel asymmetric weights, 8-bit per-token activations and
               8-bit K/V projections (the LRQ code's "W4A8" is W4A8KV8)
-    "w4a16", "w3a16", "w2a16"   weight-only, per channel; "w4a16g128" adds groups of 128
+    "w8a16", "w4a16", "w3a16", "w2a16"   weight-only, per channel; "w4a16g128" adds
+              groups of 128
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ PRESETS = {
     "w8a8": lambda g: IntScheme(UniformScheme(8, g, symmetric=True),
                                 act=ActQuant(8, "tensor", symmetric=True, static=True)),
     "w4a8": lambda g: IntScheme(UniformScheme(4, g), act=_PER_TOKEN8, kv=_PER_TOKEN8),
+    "w8a16": lambda g: IntScheme(UniformScheme(8, g)),
     "w4a16": lambda g: IntScheme(UniformScheme(4, g)),
     "w3a16": lambda g: IntScheme(UniformScheme(3, g)),
     "w2a16": lambda g: IntScheme(UniformScheme(2, g)),
