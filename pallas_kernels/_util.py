@@ -2,8 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+
+def next_pow2(n: int) -> int:
+  """The smallest power of two >= n (1 for n <= 1)."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def round_up(n: int, multiple: int) -> int:
+  """The smallest multiple of `multiple` that is >= n."""
+  return -(-n // multiple) * multiple
+
+
+def pad_to(x: jax.Array, shape: Sequence[int], value=0) -> jax.Array:
+  """`x` padded at the end of each axis up to `shape` with `value` (no copy if equal).
+
+  Entry points pad operands to their tile grid with values that leave the kept outputs
+  unchanged (zero activations, zero or unit scales, valid codes) and slice the result.
+  """
+  if tuple(x.shape) == tuple(shape):
+    return x
+  if any(s < d for s, d in zip(shape, x.shape)) or len(shape) != x.ndim:
+    raise ValueError(f"cannot pad shape {x.shape} to {tuple(shape)}")
+  widths = [(0, s - d) for s, d in zip(shape, x.shape)]
+  return jnp.pad(x, widths, constant_values=jnp.asarray(value, x.dtype))
 
 
 def pallas_call(kernel, args, in_specs, out_shape, out_spec, grid, poison, interpret):

@@ -11,6 +11,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jaxsun.quant import fp8
 from pallas_kernels import fp8_matmul as fm
+from pallas_kernels.fp8_matmul import kernel as kernel_module
 from pallas_kernels.testing import lowers_for
 
 
@@ -71,6 +72,48 @@ class Fp8MatmulTest:
     assert _rel(exact, want) < 1e-5
 
 
+  # Odd shapes: M a decode batch (1, 3) or just past a tile (130), N = 200, K = 1400
+  # (not a multiple of 128); block scales need K, N multiples of 128: K = 1408, N = 256.
+  ODD = {"row": (1400, 200), "tensor": (1400, 200), "block128": (1408, 256)}
+
+  @pytest.mark.parametrize("m", [1, 3, 130])
+  @pytest.mark.parametrize("gran", ["row", "tensor", "block128"])
+  def test_pallas_kernel_takes_odd_shapes(self, gran, m):
+    k, n = self.ODD[gran]
+    qa, sa, qb, sb, bias = _operands("e4m3", gran, m=m, k=k, n=n, seed=m)
+    want = fm.fp8_matmul_reference(qa, sa, qb, sb, bias)
+    out = fm.fp8_matmul(qa, sa, qb, sb, bias, backend="pallas", poison=float("nan"),
+                        interpret=self.INTERPRET)
+    assert out.shape == (m, n) and np.isfinite(np.asarray(out)).all()
+    assert _rel(out, want) < 1e-5, _rel(out, want)
+
+  @pytest.mark.parametrize("m", [1, 3, 130])
+  def test_mosaic_kernel_takes_odd_shapes(self, m):
+    qa, sa, qb, sb, bias = _operands("e4m3", "row", m=m, k=200, n=200, seed=m)
+    out = fm.fp8_matmul(qa, sa, qb, sb, bias, backend="mosaic",
+                        interpret=plgpu.InterpretGPUParams() if self.INTERPRET else False)
+    assert out.shape == (m, 200)
+    assert _rel(out, fm.fp8_matmul_reference(qa, sa, qb, sb, bias)) < 1e-5
+
+  @pytest.mark.parametrize("m,want", [(3, "pallas"), (256, "mosaic")])
+  def test_auto_on_a_hopper_runs_its_choice(self, monkeypatch, m, want):
+    # auto with an H200 stood in for (interpreted here; the real device on a GPU run).
+    qa, sa, qb, sb, bias = _operands("e4m3", "row", m=m, k=256, n=128, seed=m)
+    monkeypatch.setattr(kernel_module, "_platform_and_kind",
+                        lambda: ("gpu", "NVIDIA H200"))
+    ran = []
+    for name in ("fp8_matmul_pallas", "fp8_matmul_xla"):
+      real = getattr(kernel_module, name)
+      monkeypatch.setattr(kernel_module, name,
+                          functools.partial(lambda real, name, *a, **k: ran.append(name)
+                                            or real(*a, **k), real, name))
+    out = fm.fp8_matmul(qa, sa, qb, sb, bias,
+                        interpret=plgpu.InterpretGPUParams() if self.INTERPRET and m > 3
+                        else self.INTERPRET)
+    assert ran == (["fp8_matmul_pallas"] if want == "pallas" else [])
+    assert _rel(out, fm.fp8_matmul_reference(qa, sa, qb, sb, bias)) < 1e-5
+
+
 class TestFp8MatmulInterpret(Fp8MatmulTest):
   INTERPRET = True
 
@@ -113,9 +156,10 @@ def test_bad_inputs_are_clear_errors():
     fm.fp8_matmul(qa.astype(jnp.bfloat16), sa, qb, sb)
   with pytest.raises(ValueError, match="match no scaling"):
     fm.fp8_matmul(qa, sa[:10], qb, sb)
-  with pytest.raises(ValueError, match="K=512 must be a multiple of its tile 96"):
-    fm.fp8_matmul(qa, sa, qb, sb, backend="pallas", tiles=fm.Tiles(block_k=96),
-                  interpret=True)
+  # A K tile that does not divide K is no longer an error: K is zero-padded to 576.
+  out = fm.fp8_matmul(qa[:8], sa[:8], qb, sb, backend="pallas", tiles=fm.Tiles(block_k=96),
+                      interpret=True)
+  assert _rel(out, fm.fp8_matmul_reference(qa[:8], sa[:8], qb, sb)) < 1e-5
   with pytest.raises(ValueError, match="one fp8 type"):
     fm.fp8_matmul(qa, sa, qb.astype(jnp.float8_e5m2), sb, backend="pallas", interpret=True)
   with pytest.raises(ValueError, match="promote_every=3"):
@@ -133,3 +177,68 @@ def test_pallas_kernel_in_tpu_interpret_mode(gran):
   out = fm.fp8_matmul(qa, sa, qb, sb, bias, backend="pallas", poison=float("nan"),
                       interpret=pltpu.InterpretParams(uninitialized_memory="nan"))
   assert _rel(out, fm.fp8_matmul_reference(qa, sa, qb, sb, bias)) < 1e-5
+
+
+H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+
+
+@pytest.mark.parametrize("kind", [H100, H200])
+@pytest.mark.parametrize("m,want", [(1, "pallas"), (3, "pallas"), (130, "pallas"),
+                                    (256, "mosaic"), (4000, "mosaic")])
+def test_auto_choice_on_hopper(kind, m, want):
+  # Decode batches never reach the Mosaic kernel (it would pad them to 128 rows).
+  for mode in ("tensor", "rowcol"):
+    assert fm.choose_backend("gpu", kind, m, 4096, 4096, mode) == want, mode
+
+
+def test_auto_choice_otherwise():
+  choose = fm.choose_backend
+  assert choose("gpu", H100, 256, 4096, 4096, "block") == "pallas"
+  assert choose("gpu", H100, 256, 4096, 200, "rowcol") == "pallas"  # N % 128
+  assert choose("gpu", H100, 256, 1400, 4096, "rowcol") == "pallas"  # K % 128
+  assert choose("gpu", H100, 256, 4096, 4096, "rowcol", accumulation_model=True) == "pallas"
+  assert choose("gpu", H100, 256, 4096, 4096, "rowcol", same_fp8_type=False) == "xla"
+  assert choose("gpu", "NVIDIA A100-SXM4-80GB", 256, 4096, 4096, "rowcol") == "pallas"
+  assert choose("tpu", "", 256, 4096, 4096, "rowcol") == "pallas"
+  assert choose("cpu", "", 256, 4096, 4096, "rowcol") == "xla"
+  assert choose("cpu", "", 256, 4096, 4096, "rowcol", interpret=True) == "pallas"
+
+
+@pytest.mark.parametrize("backend", ["auto", "pallas", "mosaic", "xla"])
+def test_bias_shape_is_checked_before_any_kernel(backend, monkeypatch):
+  qa, sa, qb, sb, bias = _operands("e4m3", "row", m=8, k=256, n=128)
+  # Any kernel launch would fail the test: the shape check has to come first.
+  monkeypatch.setattr(kernel_module._util, "pallas_call",
+                      lambda *a, **k: pytest.fail("a kernel ran"))
+  for bad in (bias[:100], bias.reshape(1, 128), jnp.zeros((129,))):
+    with pytest.raises(ValueError, match=r"bias must be \[N\] with N=128"):
+      fm.fp8_matmul(qa, sa, qb, sb, bad, backend=backend, interpret=True)
+  with pytest.raises(ValueError, match="bias must be floating point"):
+    fm.fp8_matmul(qa, sa, qb, sb, jnp.zeros((128,), jnp.int32), backend=backend)
+
+
+def test_bias_check_control():
+  # Control: the right length passes, and without the check a wrong length fails inside
+  # jax with a message that does not name `bias` (or silently broadcasts).
+  qa, sa, qb, sb, bias = _operands("e4m3", "row", m=8, k=256, n=128)
+  fm.check_bias(bias, 128)
+  assert _rel(fm.fp8_matmul(qa, sa, qb, sb, bias, backend="xla"),
+              fm.fp8_matmul_reference(qa, sa, qb, sb, bias)) < 1e-5
+  with pytest.raises(ValueError, match="bias must be"):
+    fm.check_bias(bias[:100], 128)
+  y = jnp.dot(qa, qb, preferred_element_type=jnp.float32)
+  with pytest.raises((TypeError, ValueError), match="Incompatible shapes") as raw:
+    y + bias[:100]  # pylint: disable=expression-not-assigned
+  assert "bias" not in str(raw.value)
+
+
+def test_odd_shapes_lower_for_their_platforms():
+  # Padded tiles keep Triton's power-of-two loads and TPU's block alignment.
+  for gran, (k, n) in Fp8MatmulTest.ODD.items():
+    args = _operands("e4m3", gran, m=3, k=k, n=n)
+    for platform, marker in (("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")):
+      text = lowers_for(platform, functools.partial(fm.fp8_matmul, backend="pallas"), *args)
+      assert marker in text, (gran, platform)
+  args = _operands("e4m3", "row", m=3, k=200, n=200)
+  assert "mosaic_gpu" in lowers_for("cuda", functools.partial(fm.fp8_matmul,
+                                                              backend="mosaic"), *args)

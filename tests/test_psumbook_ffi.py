@@ -45,9 +45,23 @@ def test_backend_ffi_through_psumbook_matmul():
   assert _rel(out, pg.psumbook_matmul_reference(x, w)) < 2e-5
 
 
+@pytest.mark.parametrize("batch", [3, 20])
+def test_backend_ffi_takes_any_batch_and_n(batch):
+  # N = 202 is padded to 204 (the kernel's multiple of 4); B = 20 runs as 16 + 4 rows.
+  w = pg.random_quantized(jax.random.key(batch), pg.CodebookFormat.parse("m1v4g128"),
+                          384, 202)
+  x = jax.random.normal(jax.random.key(1), (batch, 384))
+  out = pg.psumbook_matmul(x, w, backend="ffi")
+  assert out.shape == (batch, 202) and np.isfinite(np.asarray(out)).all()
+  assert _rel(out, pg.dequant_matmul_reference(x, w)) < 2e-5
+
+
 def test_bad_inputs():
   fmt = pg.CodebookFormat.parse("m1v4g128")
   w = pg.random_quantized(jax.random.key(0), fmt, 256, 512)
+  with pytest.raises(ValueError, match="N a multiple of 4"):  # the raw kernel still checks
+    ffi.psumbook_gemv_ffi(jnp.ones((1, 256)), w._replace(codes=w.codes[..., :510],
+                                                          scales=w.scales[:, :510]))
   with pytest.raises(ValueError, match="batches of 1..16"):
     ffi.psumbook_gemv_ffi(jnp.ones((17, 256)), w)
   with pytest.raises(ValueError, match="k_block=48"):

@@ -103,6 +103,31 @@ class PsumbookKernelTest:
     assert calls == ["dequant"] and _rel(out, want[:4]) < 2e-5
 
 
+  @pytest.mark.parametrize("batch", [1, 3, 130])
+  def test_odd_shapes_with_default_tiles(self, batch):
+    # K = 1408 = 11 groups of 128 (no power-of-two K tile of default size divides it),
+    # N = 200 (not a tile multiple), B odd: the entry points pad and slice.
+    _, w, x = _problem("m1v4g128", b=batch, k=1408, n=200, seed=batch)
+    want = pg.dequant_matmul_reference(x, w)
+    backends = [*self.BACKENDS, "auto"] if batch <= 16 else ["dequant", "auto"]
+    for backend in backends:
+      out = pg.psumbook_matmul(x, w, backend=backend, poison=float("nan"),
+                               interpret=self.INTERPRET)
+      assert out.shape == (batch, 200) and out.dtype == jnp.float32
+      assert np.isfinite(np.asarray(out)).all(), backend
+      assert _rel(out, want) < 2e-5, (backend, _rel(out, want))
+
+  def test_odd_shapes_other_formats(self):
+    # m2v8 (two codebooks) and g=32 (K tile 128 = 4 groups) at B=3, N=200, K=1408.
+    for name in ("m2v8g128", "m1v4g32"):
+      _, w, x = _problem(name, b=3, k=1408, n=200, seed=7)
+      want = pg.dequant_matmul_reference(x, w)
+      for backend in self.BACKENDS:
+        out = pg.psumbook_matmul(x, w, backend=backend, poison=float("nan"),
+                                 interpret=self.INTERPRET)
+        assert _rel(out, want) < 2e-5, (name, backend, _rel(out, want))
+
+
 class TestPsumbookKernelInterpret(PsumbookKernelTest):
   INTERPRET = True
 
@@ -169,3 +194,55 @@ def test_poison_shows_tiles_a_kernel_did_not_write():
                             jax.ShapeDtypeStruct((256,), jnp.float32), spec, (2,),
                             float("nan"), True)
   assert np.all(np.asarray(out[:128]) == 1) and np.all(np.isnan(np.asarray(out[128:])))
+
+
+def test_tiles_fit_adjusts_instead_of_rejecting():
+  m1v4g128, m1v4g32 = pg.CodebookFormat.parse("m1v4g128"), pg.CodebookFormat.parse("m1v4g32")
+  # K = 1408 = 11 * 128: the K tile falls to 128; N, B clip to the next power of two.
+  assert pg.Tiles().fit(m1v4g128, 3, 1408, 200) == pg.Tiles(block_n=256, block_k=128,
+                                                              block_b=4)
+  assert pg.Tiles().fit(m1v4g32, 130, 1408, 4096) == pg.Tiles(block_n=256, block_k=128,
+                                                                block_b=64)
+  # A block_k that is no g * 2**j is clipped down to one that divides K.
+  assert pg.Tiles(block_k=1000).fit(m1v4g128, 1, 2048, 128).block_k == 512
+  assert pg.Tiles().fit(m1v4g128, 1, 4096, 14336) == pg.Tiles(block_b=1)  # unchanged
+
+
+@pytest.mark.parametrize("batch,want", [(1, "gather"), (3, "gather"), (16, "gather"),
+                                        (17, "dequant"), (130, "dequant"),
+                                        (256, "dequant")])
+def test_auto_choice_on_an_h100(batch, want):
+  fmt = pg.CodebookFormat.parse("m1v4g128")
+  assert pg.choose_backend("gpu", batch, fmt) == want
+
+
+def test_auto_choice_by_platform_and_format():
+  fmt = pg.CodebookFormat.parse("m2v8g128")
+  odd = pg.CodebookFormat(m=3, v=16, g=32)  # no lookup kernel implements it
+  assert [pg.choose_backend("tpu", b, fmt) for b in (3, 130)] == ["onehot", "xla_dequant"]
+  assert [pg.choose_backend("cpu", b, fmt) for b in (3, 130)] == ["xla", "xla_dequant"]
+  assert pg.choose_backend("cpu", 3, fmt, interpret=True) == "gather"
+  assert pg.choose_backend("gpu", 3, odd) == "dequant"
+  assert pg.choose_backend("tpu", 3, odd) == "xla"
+  assert pg.choose_backend("gpu", 8, fmt, max_lookup_batch=4) == "dequant"
+
+
+def test_odd_shapes_lower_for_their_platforms():
+  # Triton loads need power-of-two sizes; TPU blocks (8, 128)-aligned or full.
+  _, w, x = _problem("m1v4g128", b=3, k=1408, n=200)
+  for platform, backend, marker in [("cuda", "gather", "__gpu$xla.gpu.triton"),
+                                    ("cuda", "dequant", "__gpu$xla.gpu.triton"),
+                                    ("tpu", "onehot", "tpu_custom_call")]:
+    text = lowers_for(platform, functools.partial(pg.psumbook_matmul, backend=backend), x, w)
+    assert marker in text, (platform, backend)
+
+
+def test_control_without_padding_the_odd_shape_check_fails(monkeypatch):
+  # Control: with N left unpadded (the kernel reads a 256-wide tile from 200 outputs),
+  # the comparison used by the odd-shape tests does fail.
+  _, w, x = _problem("m1v4g128", b=3, k=1408, n=200)
+  want = pg.dequant_matmul_reference(x, w)
+  monkeypatch.setattr(kernel_module, "_pad_outputs", lambda w, n: w)
+  out = np.asarray(pg.psumbook_matmul(x, w, backend="gather", poison=float("nan"),
+                                      interpret=True))
+  assert not (np.isfinite(out).all() and _rel(out, want) < 2e-5)

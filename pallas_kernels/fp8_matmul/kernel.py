@@ -22,8 +22,10 @@ accumulate with fewer bits than float32 (Hopper's is reported at about 14) and t
 
 Backends: "pallas" (`pl.pallas_call`: Triton on GPU, also the TPU form), "mosaic"
 (`mosaic.py`: the Hopper TMA + wgmma kernel), "xla" (`jnp.dot` on f8 operands, which XLA
-lowers to cuBLASLt FP8 on Hopper), "auto". `fp8_matmul_reference` computes the same in
-float32 at the highest precision.
+lowers to cuBLASLt FP8 on Hopper), "auto" (`choose_backend`). Every backend takes any M,
+N and K the scales allow (block scales: K, N multiples of 128): the kernels pad to their
+tiles inside and slice the result. `fp8_matmul_reference` computes the same in float32
+at the highest precision.
 """
 
 from __future__ import annotations
@@ -66,13 +68,32 @@ def scale_mode(qa: jax.Array, sa: jax.Array, qb: jax.Array, sb: jax.Array) -> st
       f"[M,K/128]/[K/128,N/128] (block; K and N multiples of 128)")
 
 
+def check_bias(bias, n: int) -> None:
+  """Raises unless `bias` is None or a float vector of the N = `n` outputs."""
+  if bias is None:
+    return
+  shape = tuple(jnp.shape(bias))
+  if shape != (n,):
+    raise ValueError(f"bias must be [N] with N={n} (one value per output column of qb), "
+                     f"got shape {shape}")
+  if not jnp.issubdtype(jnp.result_type(bias), jnp.floating):
+    raise ValueError(f"bias must be floating point, got {jnp.result_type(bias)}")
+
+
+def _check_operands(qa, sa, qb, sb, bias) -> str:
+  """`scale_mode` plus the bias check: every shape checked before any kernel runs."""
+  mode = scale_mode(qa, sa, qb, sb)
+  check_bias(bias, qb.shape[1])
+  return mode
+
+
 def _expand(s: jax.Array, rows: int, cols: int) -> jax.Array:
   return jnp.repeat(jnp.repeat(s, rows // s.shape[0], 0), cols // s.shape[1], 1)
 
 
 def fp8_matmul_reference(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32) -> jax.Array:
   """The float32 result: dequantize both operands, multiply at HIGHEST precision."""
-  scale_mode(qa, sa, qb, sb)
+  _check_operands(qa, sa, qb, sb, bias)
   a = qa.astype(jnp.float32) * _expand(sa.astype(jnp.float32), *qa.shape)
   b = qb.astype(jnp.float32) * _expand(sb.astype(jnp.float32), *qb.shape)
   y = jnp.dot(a, b, precision=HIGHEST)
@@ -100,6 +121,18 @@ class Tiles:
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"Tiles.{name}={v!r} must be a positive integer")
+
+  def fit(self, m: int, k: int, n: int) -> Tiles:
+    """These tiles adjusted to an [m, k] x [k, n] problem (the kernel pads to them).
+
+    Each tile is clipped to the next power of two of its dimension, but kept at least
+    16 (M, N) and 32 (K): Triton loads need power-of-two sizes and its dots at least 16
+    rows/columns (32 deep for fp8). `fp8_matmul_pallas` pads M, N and K up to multiples
+    of the result (zero operands, unit scales, zero bias) and slices the output.
+    """
+    return Tiles(block_m=min(self.block_m, max(16, _util.next_pow2(m))),
+                 block_n=min(self.block_n, max(16, _util.next_pow2(n))),
+                 block_k=min(self.block_k, max(32, _util.next_pow2(k))))
 
 
 def _truncate_mantissa(x: jax.Array, bits: int | None) -> jax.Array:
@@ -139,28 +172,34 @@ def fp8_matmul_pallas(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32,
                       tiles: Tiles | None = None, promote_every: int | None = None,
                       acc_mantissa_bits: int | None = None, poison: float | None = None,
                       interpret=False) -> jax.Array:
-  """The `pl.pallas_call` kernel (Triton on GPU; see the module docstring). `poison`
-  fills the output buffer before the kernel runs (tests)."""
-  mode = scale_mode(qa, sa, qb, sb)
+  """The `pl.pallas_call` kernel (Triton on GPU; see the module docstring).
+
+  Takes any M, N and K (block scales: K and N multiples of 128, their format): they are
+  padded to the fitted tiles (`Tiles.fit`) with zero operands, unit scales and zero
+  bias, which leave the kept outputs unchanged, and the output is sliced. `poison`
+  fills the output buffer before the kernel runs (tests).
+  """
+  mode = _check_operands(qa, sa, qb, sb, bias)
   if qa.dtype != qb.dtype:
     raise ValueError(f"the Pallas kernel needs one fp8 type for both operands, got "
                      f"{qa.dtype} and {qb.dtype}")
   (m, k), n = qa.shape, qb.shape[1]
-  t = tiles or Tiles()
-  bm, bn, bk = min(t.block_m, m), min(t.block_n, n), min(t.block_k, k)
+  t = (tiles or Tiles()).fit(m, k, n)
+  bm, bn, bk = t.block_m, t.block_n, t.block_k
   if mode == "block" and (bn != SCALE_BLOCK or bk != SCALE_BLOCK):
     raise ValueError(f"block scales need Tiles.block_n == Tiles.block_k == {SCALE_BLOCK}")
-  for name, size, tile in (("M", m, bm), ("N", n, bn), ("K", k, bk)):
-    if size % tile:
-      raise ValueError(f"{name}={size} must be a multiple of its tile {tile} (Tiles)")
-  nk = k // bk
+  mp, np_, kp = _util.round_up(m, bm), _util.round_up(n, bn), _util.round_up(k, bk)
+  nk = kp // bk
   promote_every = nk if promote_every is None else promote_every
   if promote_every < 1 or nk % promote_every:
     raise ValueError(f"promote_every={promote_every} must divide the {nk} K steps")
+  # Zero operands add nothing to the K sums; padded rows/columns are sliced off below.
+  qa = _util.pad_to(qa, (mp, kp))  # f8[mp, kp]
+  qb = _util.pad_to(qb, (kp, np_))  # f8[kp, np_]
   sa = sa.astype(jnp.float32)
   sb = sb.astype(jnp.float32)
-  bias = (jnp.zeros((1, n), jnp.float32) if bias is None
-          else bias.astype(jnp.float32).reshape(1, n))
+  bias = (jnp.zeros((1, np_), jnp.float32) if bias is None
+          else _util.pad_to(bias.astype(jnp.float32).reshape(1, n), (1, np_)))
   if sa.shape == (1, 1) and mode == "rowcol":
     sa = jnp.broadcast_to(sa, (m, 1))
   if sb.shape == (1, 1) and mode == "rowcol":
@@ -169,26 +208,31 @@ def fp8_matmul_pallas(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32,
     sa_spec = pl.BlockSpec((1, 1), lambda i, j: (0, 0))
     sb_spec = pl.BlockSpec((1, 1), lambda i, j: (0, 0))
   elif mode == "rowcol":
+    sa = _util.pad_to(sa, (mp, 1), 1.0)  # f32[mp, 1]: unit scales keep padding finite
+    sb = _util.pad_to(sb, (1, np_), 1.0)  # f32[1, np_]
     sa_spec = pl.BlockSpec((bm, 1), lambda i, j: (i, 0))
     sb_spec = pl.BlockSpec((1, bn), lambda i, j: (0, j))
-  else:
+  else:  # block: K, N are multiples of 128 = bk = bn, so only M was padded
+    sa = _util.pad_to(sa, (mp, nk), 1.0)  # f32[mp, K/128]
     sa_spec = pl.BlockSpec((bm, nk), lambda i, j: (i, 0))
     # [N/128, K/128, 1]: TPU blocks need their last two dims full (or (8, 128)-aligned).
-    sb = sb.T.reshape(n // SCALE_BLOCK, nk, 1)
+    sb = sb.T.reshape(np_ // SCALE_BLOCK, nk, 1)
     sb_spec = pl.BlockSpec((1, nk, 1), lambda i, j: (j, 0, 0))
   kernel = functools.partial(_kernel, mode=mode, bk=bk, nk=nk, promote_every=promote_every,
                              acc_bits=acc_mantissa_bits)
-  return _util.pallas_call(
+  out = _util.pallas_call(
       kernel, (qa, qb, sa, sb, bias),
-      [pl.BlockSpec((bm, k), lambda i, j: (i, 0)), pl.BlockSpec((k, bn), lambda i, j: (0, j)),
+      [pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
+       pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
        sa_spec, sb_spec, pl.BlockSpec((1, bn), lambda i, j: (0, j))],
-      jax.ShapeDtypeStruct((m, n), out_dtype), pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      (m // bm, n // bn), poison, interpret)
+      jax.ShapeDtypeStruct((mp, np_), out_dtype), pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
+      (mp // bm, np_ // bn), poison, interpret)
+  return out[:m, :n]  # out_dtype[M, N]
 
 
 def fp8_matmul_xla(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32) -> jax.Array:
   """`jnp.dot` on the f8 operands (cuBLASLt FP8 on Hopper), scales applied after."""
-  mode = scale_mode(qa, sa, qb, sb)
+  mode = _check_operands(qa, sa, qb, sb, bias)
   if mode == "block":  # scales vary along K: dequantize (no single FP8 GEMM applies)
     return fp8_matmul_reference(qa, sa, qb, sb, bias, out_dtype=out_dtype)
   y = jnp.dot(qa, qb, preferred_element_type=jnp.float32)
@@ -196,6 +240,61 @@ def fp8_matmul_xla(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32) -> jax.A
   if bias is not None:
     y = y + bias.astype(jnp.float32)
   return y.astype(out_dtype)
+
+
+HOPPER_KINDS = ("H100", "H200")
+MOSAIC_TILE = 128  # the Mosaic kernel's M, N and K tile (`mosaic.MosaicTiles` defaults)
+
+
+def choose_backend(platform: str, device_kind: str, m: int, k: int, n: int, mode: str, *,
+                   same_fp8_type: bool = True, accumulation_model: bool = False,
+                   interpret=False) -> str:
+  """The backend `fp8_matmul(backend="auto")` runs (pure: testable off device).
+
+  All backends take any shape their scales allow (the kernels pad inside), so the
+  choice is about cost and features. "mosaic" is picked only where it needs no
+  weight padding and little row padding; decode batches (M = 1, 3, ...) would pad to
+  128 rows, so they go to the Triton kernel (pads M to 16):
+
+    platform, device      scales and options               shape                  backend
+    cpu, not interpret    any                              any                    xla
+    any other             qa, qb of different fp8 types    any                    xla
+    gpu H100 / H200       tensor or row/column scales, no  N % 128 == K % 128 == 0 mosaic
+                          promote_every / acc bits         and padding M to 128
+                                                           adds <= M / 8 rows
+    gpu H100 / H200       otherwise                        any                    pallas
+    other gpu, tpu,       any                              any                    pallas
+    cpu + interpret
+
+  E.g. on an H100 with row scales, N = K = 4096: M = 1, 3, 130 -> pallas; M = 256,
+  4000 -> mosaic.
+
+  Args:
+    platform: `jax.default_backend()`: "cpu", "gpu" or "tpu".
+    device_kind: `jax.devices()[0].device_kind`, e.g. "NVIDIA H100 80GB HBM3".
+    m, k, n: qa is [m, k], qb [k, n].
+    mode: `scale_mode(...)`: "tensor", "rowcol" or "block".
+    same_fp8_type: whether qa and qb have one fp8 dtype (the kernels need it).
+    accumulation_model: whether `promote_every` or `acc_mantissa_bits` is set (only the
+      Pallas kernel models them).
+    interpret: whether the kernels run in interpret mode.
+  """
+  if platform == "cpu" and not interpret:
+    return "xla"
+  if not same_fp8_type:
+    return "xla"  # Triton and wgmma take one fp8 type; XLA converts
+  row_padding = _util.round_up(m, MOSAIC_TILE) - m
+  if (platform == "gpu" and any(h in device_kind for h in HOPPER_KINDS)
+      and mode != "block" and not accumulation_model
+      and n % MOSAIC_TILE == 0 and k % MOSAIC_TILE == 0 and 8 * row_padding <= m):
+    return "mosaic"
+  return "pallas"
+
+
+def _platform_and_kind() -> tuple[str, str]:
+  """(default backend, its first device's kind); one place for tests to stand in for."""
+  platform = jax.default_backend()
+  return platform, jax.devices()[0].device_kind if platform == "gpu" else ""
 
 
 def fp8_matmul(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32, backend: str = "auto",
@@ -207,11 +306,13 @@ def fp8_matmul(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32, backend: str
   Args:
     qa, qb: f8[M, K], f8[K, N].
     sa, sb: scales (shapes select tensor / row-column / block scaling).
-    bias: optional f[N].
+    bias: optional f[N]; any other shape is a ValueError naming `bias`.
     out_dtype: float32 or bfloat16.
     backend: "pallas", "mosaic" (Hopper; K-major B is made here), "xla", or "auto"
-      ("mosaic" on a Hopper GPU for tensor/row-column scales, else "pallas" on GPU and
-      TPU, "xla" on CPU unless `interpret`).
+      (the table in `choose_backend`: "mosaic" on a Hopper GPU for tensor/row-column
+      scales at 128-aligned N, K and large M, else "pallas" on GPU and TPU, "xla" on
+      CPU unless `interpret`). Every backend takes any M (1, 3, 130, ...), N and K the
+      scales allow: the kernels pad to their tiles inside and slice the result.
     tiles: Pallas tiling knobs.
     promote_every, acc_mantissa_bits: accumulation model (Pallas backend).
     poison: for tests: the Pallas kernel's output buffer starts filled with it.
@@ -219,17 +320,14 @@ def fp8_matmul(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32, backend: str
   """
   if backend not in BACKENDS:
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
-  mode = scale_mode(qa, sa, qb, sb)
+  mode = _check_operands(qa, sa, qb, sb, bias)  # before any kernel is traced
   if backend == "auto":
-    platform = jax.default_backend()
-    if platform == "cpu" and not interpret:
-      backend = "xla"
-    elif platform == "gpu" and mode != "block" and promote_every is None \
-        and acc_mantissa_bits is None \
-        and any(h in jax.devices()[0].device_kind for h in ("H100", "H200")):
-      backend = "mosaic"
-    else:
-      backend = "pallas"
+    platform, kind = _platform_and_kind()
+    backend = choose_backend(
+        platform, kind, qa.shape[0], qa.shape[1], qb.shape[1], mode,
+        same_fp8_type=qa.dtype == qb.dtype,
+        accumulation_model=promote_every is not None or acc_mantissa_bits is not None,
+        interpret=interpret)
   if backend == "xla":
     return fp8_matmul_xla(qa, sa, qb, sb, bias, out_dtype=out_dtype)
   if backend == "mosaic":

@@ -19,7 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.fp8_matmul.kernel import scale_mode
+from pallas_kernels import _util
+from pallas_kernels.fp8_matmul.kernel import check_bias, scale_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,9 +88,14 @@ def fp8_matmul_mosaic(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32,
                       tiles: MosaicTiles = MosaicTiles(), interpret=False) -> jax.Array:
   """(qa * sa) @ (qb * sb) + bias with tensor or row/column scales on the Hopper path.
 
-  `interpret=True` uses the Mosaic GPU interpreter (`plgpu.InterpretGPUParams()`).
+  Takes any M, N, K: the operands are padded with zeros to multiples of the tiles (M to
+  tile_m, N to tile_n, K to 128) and the product sliced before the scales and bias are
+  applied. Padding a decode batch to 128 rows wastes work, which is why
+  `fp8_matmul(backend="auto")` sends small M elsewhere. `interpret=True` uses the
+  Mosaic GPU interpreter (`plgpu.InterpretGPUParams()`).
   """
   mode = scale_mode(qa, sa, qb, sb)
+  check_bias(bias, qb.shape[1])
   if mode == "block":
     raise ValueError("the Mosaic kernel takes per-tensor or per-row/column scales; use "
                      "backend='pallas' for block scales")
@@ -97,7 +103,11 @@ def fp8_matmul_mosaic(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32,
     raise ValueError(f"wgmma needs one fp8 type for both operands, got {qa.dtype} and "
                      f"{qb.dtype}")
   params = plgpu.InterpretGPUParams() if interpret is True else (interpret or None)
-  y = mosaic_matmul_nt(qa, qb.T, tiles=tiles, interpret=params)
+  (m, k), n = qa.shape, qb.shape[1]
+  kp = _util.round_up(k, 128)  # one 128-byte swizzle row of fp8 per K step
+  a = _util.pad_to(qa, (_util.round_up(m, tiles.tile_m), kp))  # f8[M_pad, K_pad]
+  b_t = _util.pad_to(qb.T, (_util.round_up(n, tiles.tile_n), kp))  # f8[N_pad, K_pad]
+  y = mosaic_matmul_nt(a, b_t, tiles=tiles, interpret=params)[:m, :n]  # f32[M, N]
   y = y * sa.astype(jnp.float32) * sb.astype(jnp.float32)
   if bias is not None:
     y = y + bias.astype(jnp.float32)

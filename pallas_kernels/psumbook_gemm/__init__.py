@@ -12,13 +12,14 @@ Depends on jax only.
 from pallas_kernels.psumbook_gemm.format import (BACKEND_SUPPORT, CodebookFormat,
                                                  QuantizedWeight, random_quantized,
                                                  validate)
-from pallas_kernels.psumbook_gemm.kernel import (BACKENDS, Tiles, dequant_matmul,
+from pallas_kernels.psumbook_gemm.kernel import (BACKENDS, Tiles, choose_backend,
+                                                 dequant_matmul,
                                                  dequant_matmul_reference,
                                                  dequantize_reference, psumbook,
                                                  psumbook_matmul, psumbook_matmul_reference)
 
 __all__ = [
     "BACKEND_SUPPORT", "CodebookFormat", "QuantizedWeight", "random_quantized", "validate",
-    "BACKENDS", "Tiles", "dequant_matmul", "dequant_matmul_reference",
+    "BACKENDS", "Tiles", "choose_backend", "dequant_matmul", "dequant_matmul_reference",
     "dequantize_reference", "psumbook", "psumbook_matmul", "psumbook_matmul_reference",
 ]

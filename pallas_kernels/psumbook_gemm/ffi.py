@@ -29,6 +29,7 @@ from pallas_kernels.psumbook_gemm.format import QuantizedWeight, validate
 SOURCE = pathlib.Path(__file__).parent / "cuda" / "psumbook_gemv.cu"
 TILE_K = 32  # the kernel's Psumbook sub-tile (kTileK)
 MAX_BATCH = 16
+N_MULTIPLE = 4  # outputs per thread's 32-bit code load
 _TARGETS = {"cpu": ("jaxsun_psumbook_gemv_cpu", "PsumbookGemvCpu"),
             "cuda": ("jaxsun_psumbook_gemv_cuda", "PsumbookGemvCuda")}
 _registered: set[str] = set()
@@ -90,6 +91,9 @@ def psumbook_gemv_ffi(x: jax.Array, w: QuantizedWeight, *, k_block: int | None =
                       platform: str | None = None) -> jax.Array:
   """f32[B, N] = x @ W by the CUDA kernel (or its CPU twin), for 1 <= B <= 16.
 
+  The raw kernel: `psumbook_matmul(x, w, backend="ffi")` takes any B and N (it pads N
+  to a multiple of 4 and runs batches in chunks of 16).
+
   Args:
     x: f32/bf16[B, K].
     w: the quantized weight; b = 8, v divides 32, g a multiple of 32, N a multiple of 4.
@@ -105,7 +109,7 @@ def psumbook_gemv_ffi(x: jax.Array, w: QuantizedWeight, *, k_block: int | None =
     raise ValueError(f"x has {x.shape[1]} inputs but the weight has K={w.shape[0]}")
   if not 1 <= b <= MAX_BATCH:
     raise ValueError(f"the FFI GEMV takes batches of 1..{MAX_BATCH} rows, got {b}")
-  if fmt.num_centroids != 256 or TILE_K % fmt.v or fmt.g % TILE_K or n % 4:
+  if fmt.num_centroids != 256 or TILE_K % fmt.v or fmt.g % TILE_K or n % N_MULTIPLE:
     raise ValueError(f"the FFI GEMV needs b=8, v dividing {TILE_K}, g a multiple of "
                      f"{TILE_K} and N a multiple of 4; got {fmt.name} (b={fmt.b}), N={n}")
   if k_block is None:

@@ -10,7 +10,7 @@ so each code costs one lookup and one add instead of v multiply-adds, and centro
 activation products shared by many outputs are computed once. For larger batches
 (prefill) the kernel dequantizes a tile of W on chip and multiplies on the tensor cores.
 
-Entry points (all take `interpret`):
+Entry points (all take `interpret`, and any batch and N; K a multiple of g):
 
     psumbook_matmul(x, w, *, tiles=None, backend="auto", interpret=False)  # any batch
     dequant_matmul(x, w, *, tiles=None, interpret=False)     # the AQLM-style baseline
@@ -123,16 +123,35 @@ class Tiles:
         raise ValueError(f"Tiles.{name}={value!r} must be a positive integer")
 
   def fit(self, fmt: CodebookFormat, b: int, k: int, n: int) -> Tiles:
-    """These tiles clipped to the problem, checked against it."""
-    bn, bk, bb = min(self.block_n, n), min(self.block_k, k), min(self.block_b, b)
-    if n % bn:
-      raise ValueError(f"N={n} must be a multiple of Tiles.block_n={bn}")
-    if k % bk or bk % fmt.g:
-      raise ValueError(f"Tiles.block_k={bk} must divide K={k} and be a multiple of "
-                       f"g={fmt.g}")
-    if b % bb:
-      raise ValueError(f"batch {b} must be a multiple of Tiles.block_b={bb}")
+    """These tiles adjusted to a [b, k] x [k, n] problem (the entry points pad to them).
+
+    * block_k becomes the largest `g * 2**j` that is <= block_k and divides K, so K is
+      never padded (K is a multiple of g: a format constraint) and Triton loads keep
+      power-of-two sizes; e.g. K=1408, g=128 takes 128 (11 splits).
+    * block_n and block_b are clipped to the next power of two of N and B; the entry
+      points pad N (codes 0, scales 0) and B (zero rows) up to multiples of them and
+      slice the result, so N=200 or B=3 work.
+
+    Raises:
+      ValueError: if block_k < g (no K tile of whole scale groups fits under it).
+    """
+    if self.block_k < fmt.g:
+      raise ValueError(f"Tiles.block_k={self.block_k} must divide K={k} and be at least "
+                       f"(a multiple of) g={fmt.g}")
+    bk = fmt.g
+    while bk * 2 <= self.block_k and k % (bk * 2) == 0:
+      bk *= 2
+    bn = min(self.block_n, _util.next_pow2(n))
+    bb = min(self.block_b, _util.next_pow2(b))
     return Tiles(block_n=bn, block_k=bk, block_b=bb)
+
+
+def _pad_outputs(w: QuantizedWeight, n: int) -> QuantizedWeight:
+  """`w` with N padded to `n` outputs: code 0 (a valid centroid) times scale 0."""
+  cb, codes, scales = w
+  m, j, _ = codes.shape
+  return QuantizedWeight(cb, _util.pad_to(codes, (m, j, n)),
+                         _util.pad_to(scales, (scales.shape[0], n)))
 
 
 def _check_inputs(x: jax.Array, w: QuantizedWeight) -> CodebookFormat:
@@ -266,14 +285,17 @@ def dequant_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = No
   `tiles` and `interpret` are as in `psumbook_matmul`.
   """
   fmt = _check_inputs(x, w)
-  cb, codes, scales = w
   b, k = x.shape
-  n = codes.shape[2]
+  n = w.shape[1]
   t = (tiles or Tiles()).fit(fmt, b, k, n)
   bb, bn, bk = t.block_b, t.block_n, t.block_k
+  # Any B and N: pad to the tile grid (zero rows; code 0 x scale 0), slice at the end.
+  bp, n_pad = _util.round_up(b, bb), _util.round_up(n, bn)
+  x = _util.pad_to(x, (bp, k))  # f[bp, K]
+  cb, codes, scales = _pad_outputs(w, n_pad)  # codes [m, K/v, n_pad], scales [K/g, n_pad]
   splits = k // bk
   # x[b, j*v + t] -> xt[b, t, j]: each W row phase t multiplies a contiguous x slice.
-  xt = x.reshape(b, k // fmt.v, fmt.v).transpose(0, 2, 1)
+  xt = x.reshape(bp, k // fmt.v, fmt.v).transpose(0, 2, 1)
   partial = _call(
       functools.partial(_dequant_kernel, fmt=fmt, bk=bk),
       (xt, cb.astype(jnp.float32).reshape(-1), codes, scales),
@@ -281,21 +303,58 @@ def dequant_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = No
        pl.BlockSpec((cb.size,), lambda r, i, s: (0,)),
        pl.BlockSpec((fmt.m, bk // fmt.v, bn), lambda r, i, s: (0, s, i)),
        pl.BlockSpec((bk // fmt.g, bn), lambda r, i, s: (s, i))],
-      jax.ShapeDtypeStruct((splits, b, n), jnp.float32),
-      pl.BlockSpec((1, bb, bn), lambda r, i, s: (s, r, i)), (b // bb, n // bn, splits),
+      jax.ShapeDtypeStruct((splits, bp, n_pad), jnp.float32),
+      pl.BlockSpec((1, bb, bn), lambda r, i, s: (s, r, i)), (bp // bb, n_pad // bn, splits),
       poison, interpret)
-  return partial.sum(axis=0)
+  return partial.sum(axis=0)[:b, :n]
 
 
-def _auto_backend(batch: int, max_lookup_batch: int, interpret) -> str:
-  platform = jax.default_backend()
+def choose_backend(platform: str, batch: int, fmt: CodebookFormat, *,
+                   max_lookup_batch: int = 16, interpret=False) -> str:
+  """The backend `psumbook_matmul(backend="auto")` runs (pure: testable off device).
+
+  Every kernel pads B and N to its tiles and K is whole scale groups, so any shape the
+  format allows fits every choice; what decides is the batch and whether the platform's
+  lookup kernel implements the format (`BACKEND_SUPPORT`):
+
+    platform              B <= max_lookup_batch                B > max_lookup_batch
+    cpu, not interpret    "xla"                                "xla_dequant"
+    gpu (cpu+interpret)   "gather"; "dequant" if (m, v) not    "dequant"
+                          in BACKEND_SUPPORT["gpu"] or b != 8
+    tpu                   "onehot"; "xla" if not in            "xla_dequant" (no pointer
+                          BACKEND_SUPPORT["tpu"] or b != 8     gathers on TPU)
+
+  Args:
+    platform: `jax.default_backend()`: "cpu", "gpu" or "tpu".
+    batch: B, the rows of x.
+    fmt: the weight's format.
+    max_lookup_batch: the largest batch sent to a lookup kernel.
+    interpret: whether the Pallas kernels run in interpret mode.
+  """
   if platform == "cpu" and not interpret:  # Pallas kernels need a GPU/TPU or interpret
     return "xla" if batch <= max_lookup_batch else "xla_dequant"
   on_tpu = platform == "tpu"
+  try:
+    fmt.check_backend("tpu" if on_tpu else "gpu")
+    lookups_take_format = True
+  except ValueError:
+    lookups_take_format = False
   if batch <= max_lookup_batch:
-    return "onehot" if on_tpu else "gather"
+    if lookups_take_format:
+      return "onehot" if on_tpu else "gather"
+    return "xla" if on_tpu else "dequant"
   # Prefill: dequantize on chip (GPU); TPU lets XLA dequantize (no pointer gathers there).
   return "xla_dequant" if on_tpu else "dequant"
+
+
+def _ffi_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
+  """The CUDA GEMV for any B and N: N padded to its multiple, B in chunks it takes."""
+  from pallas_kernels.psumbook_gemm import ffi  # pylint: disable=import-outside-toplevel
+  b, n = x.shape[0], w.shape[1]
+  wp = _pad_outputs(w, _util.round_up(n, ffi.N_MULTIPLE))
+  ys = [ffi.psumbook_gemv_ffi(x[i:i + ffi.MAX_BATCH], wp)
+        for i in range(0, b, ffi.MAX_BATCH)]  # f32[<=16, n_pad] each
+  return jnp.concatenate(ys, axis=0)[:, :n]
 
 
 def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = None,
@@ -303,18 +362,22 @@ def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = N
                     poison: float | None = None, interpret=False) -> jax.Array:
   """f32[B, N] = x @ W for a codebook-quantized W.
 
+  Every backend takes any B >= 1 and any N, and any K the format allows (a multiple of
+  g): B and N are padded to the tile grid inside (zero activation rows; code 0 with
+  scale 0 for padded outputs) and the result is sliced, and `Tiles.fit` picks a K tile
+  dividing K. Shapes already on the grid are not copied.
+
   Args:
     x: f32/bf16[B, K] activations.
     w: the `QuantizedWeight`.
-    tiles: tiling knobs (`Tiles`); defaults fit the problem.
+    tiles: tiling knobs (`Tiles`); `Tiles.fit` adjusts them to the problem.
     backend: "gather" (GPU Psumbook lookups), "ffi" (the CUDA kernel with the Psumbook
-      in shared memory, `ffi.psumbook_gemv_ffi`; its CPU twin off GPU; B <= 16),
-      "onehot" (TPU Psumbook as one-hot
-      matmuls; also lowers for GPU), "dequant" (GPU: dequantize on chip, then matmul),
-      "xla" (the jnp Psumbook reference), "xla_dequant" (XLA dequantizes, then a dense
-      dot), or "auto": the platform's lookup kernel while B <= `max_lookup_batch`, and
-      above it "dequant" on GPU, "xla_dequant" on TPU (prefill); on CPU the kernels in
-      interpret mode if `interpret`, else the XLA forms.
+      in shared memory, `ffi.psumbook_gemv_ffi`; its CPU twin off GPU; batches over 16
+      run in chunks of 16), "onehot" (TPU Psumbook as one-hot matmuls; also lowers for
+      GPU), "dequant" (GPU: dequantize on chip, then matmul), "xla" (the jnp Psumbook
+      reference), "xla_dequant" (XLA dequantizes, then a dense dot), or "auto": see
+      `choose_backend` for the table (the platform's lookup kernel while
+      B <= `max_lookup_batch` and it implements the format, the prefill path above).
     max_lookup_batch: the largest batch "auto" sends to a lookup kernel.
     poison: for tests: the kernel's output buffer starts filled with this value (e.g.
       nan), so any tile it fails to write is visible.
@@ -325,18 +388,23 @@ def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = N
     raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
   fmt = _check_inputs(x, w)
   if backend == "auto":
-    backend = _auto_backend(x.shape[0], max_lookup_batch, interpret)
+    backend = choose_backend(jax.default_backend(), x.shape[0], fmt,
+                             max_lookup_batch=max_lookup_batch, interpret=interpret)
   if backend == "xla":
     return psumbook_matmul_reference(x, w)
   if backend == "xla_dequant":
     return dequant_matmul_reference(x, w)
   if backend == "ffi":
-    from pallas_kernels.psumbook_gemm import ffi  # pylint: disable=import-outside-toplevel
-    return ffi.psumbook_gemv_ffi(x, w)
+    return _ffi_matmul(x, w)
   if backend == "dequant":
     return dequant_matmul(x, w, tiles=tiles, poison=poison, interpret=interpret)
   fmt.check_backend("tpu" if backend == "onehot" else "gpu")
   b, k = x.shape
-  t = (tiles or Tiles()).fit(fmt, b, k, w.shape[1])
+  n = w.shape[1]
+  t = (tiles or Tiles()).fit(fmt, b, k, n)
+  # The lookups take the whole batch as one block: a power of two of rows (Triton loads
+  # need power-of-two sizes); N padded to the tile grid. Padded outputs are sliced off.
+  xp = _util.pad_to(x, (_util.next_pow2(b), k))  # f[B_pad, K]
+  wp = _pad_outputs(w, _util.round_up(n, t.block_n))
   call = _onehot_call if backend == "onehot" else _gather_call
-  return call(x, w, fmt, t, poison, interpret)
+  return call(xp, wp, fmt, t, poison, interpret)[:b, :n]
