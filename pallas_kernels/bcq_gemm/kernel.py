@@ -233,10 +233,6 @@ def lut_reference(x: jax.Array, w: PackedBCQ, mu: int = 8) -> jax.Array:
 # ------------------------------------------------------------------------- tiling
 
 
-def _round_up(a: int, b: int) -> int:
-  return -(-a // b) * b
-
-
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """Tiling knobs of the "dequant" kernel (speed only, never the numbers beyond float
@@ -267,8 +263,8 @@ class Tiles:
 
   def fit(self, m: int, k: int, n: int, g: int) -> tuple[int, int, int]:
     """(bm, bn, bk) for this problem: bm, bn clipped to the padded sizes, bk as above."""
-    bm = min(self.block_m, _round_up(m, 8))
-    bn = min(self.block_n, _round_up(n, 128))
+    bm = min(self.block_m, _util.round_up(m, 8))
+    bn = min(self.block_n, _util.round_up(n, 128))
     bk = min(self.block_k, k)
     while k % bk or (bk % g and g % bk):  # ends: 32 divides K and g
       bk -= WORD
@@ -308,9 +304,10 @@ def _dequant_kernel(x_ref, w_ref, a_ref, off_ref, o_ref, *, gw: int, ng: int,
 
 
 def _pad_to(a: jax.Array, axis: int, size: int) -> jax.Array:
-  pad = [(0, 0)] * a.ndim
-  pad[axis] = (0, size - a.shape[axis])
-  return jnp.pad(a, pad)
+  """`a` zero-padded along one axis up to `size` (`_util.pad_to` on that axis)."""
+  shape = list(a.shape)
+  shape[axis] = size
+  return _util.pad_to(a, shape)
 
 
 def dequant_matmul(x: jax.Array, w: PackedBCQ, *, tiles: Tiles | None = None,
@@ -325,7 +322,7 @@ def dequant_matmul(x: jax.Array, w: PackedBCQ, *, tiles: Tiles | None = None,
   if not isinstance(t, Tiles):
     raise ValueError(f"tiles={t!r}: the dequant backend takes Tiles")
   bm, bn, bk = t.fit(m, k, n, g)
-  mp, np_ = _round_up(m, bm), _round_up(n, bn)
+  mp, np_ = _util.round_up(m, bm), _util.round_up(n, bn)
   splits, bkw = k // bk, bk // WORD
   ng, gw = (bk // g, g // WORD) if bk >= g else (1, bkw)
   per_group = max(1, g // bk)  # K tiles per group (when bk < g)
@@ -409,7 +406,7 @@ def lut_matmul(x: jax.Array, w: PackedBCQ, *, tiles: Tiles | None = None,
     raise ValueError(f"tiles={t!r}: the lut backend takes Tiles")
   bm, _, bk = t.fit(m, k, n, g)
   bn = LANES
-  mp, np_ = _round_up(m, bm), _round_up(n, bn)
+  mp, np_ = _util.round_up(m, bm), _util.round_up(n, bn)
   splits, bkw = k // bk, bk // WORD
   ng, gw = (bk // g, g // WORD) if bk >= g else (1, bkw)
   per_group = max(1, g // bk)

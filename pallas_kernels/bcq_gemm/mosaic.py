@@ -42,6 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _util
 from pallas_kernels.bcq_gemm import kernel as _k
 
 WORD = _k.WORD
@@ -88,7 +89,7 @@ def smem_bytes(tiles: MosaicTiles, bits: int, precise: bool) -> int:
 def fit_tiles(tiles: MosaicTiles, m: int, bits: int, precise: bool) -> MosaicTiles:
   """`tiles` with tile_m clipped to the batch, then stages and tile_m lowered until the
   kernel fits in shared memory."""
-  m8 = _k._round_up(m, 8)  # pylint: disable=protected-access
+  m8 = _util.round_up(m, 8)
   t = dataclasses.replace(tiles, tile_m=min(tiles.tile_m, m8))
   while smem_bytes(t, bits, precise) > SMEM_BYTES:
     if t.stages > 1:
@@ -219,9 +220,9 @@ def bcq_matmul_mosaic(x: jax.Array, w: _k.PackedBCQ, *, tiles: MosaicTiles | Non
   (m, k), n, g = x.shape, w.shape[1], w.group_size
   tiles = fit_tiles(tiles, m, w.bits, precise)
   tm = tiles.tile_m
-  mp = _k._round_up(m, tm)  # pylint: disable=protected-access
-  np_ = _k._round_up(n, tiles.tile_n)  # pylint: disable=protected-access
-  kwp = _k._round_up(k // WORD, tiles.tile_kw)  # pylint: disable=protected-access
+  mp = _util.round_up(m, tm)
+  np_ = _util.round_up(n, tiles.tile_n)
+  kwp = _util.round_up(k // WORD, tiles.tile_kw)
   pad = _k._pad_to  # pylint: disable=protected-access
   # Padded inputs are zero, so padded K contributes nothing whatever the codes.
   xf = pad(pad(x.astype(jnp.float32), 0, mp), 1, kwp * WORD)
