@@ -19,6 +19,7 @@ JOBS = {
     "finetune_split": "jaxsun.jobs.finetune_split:run",
     "eval_harness": "jaxsun.jobs.eval_harness:run",
     "pretrain_attention": "jaxsun.jobs.pretrain_attention:run",
+    "qsun": "jaxsun.jobs.qsun:run",
 }
 
 
