@@ -107,3 +107,18 @@ def test_attention_variants_notebook_executes(tmp_path, monkeypatch):
   assert float(text.split("(max |change| ")[1].split(")")[0]) > 0
   # Displayed plots: training curves, entropy | first-token mass side by side, alpha_ma.
   assert sum("image/png" in out.get("data", {}) for out in outputs(nb)) == 3
+
+
+def test_ptq_notebook_executes(tmp_path, monkeypatch):
+  nb = execute("ptq.ipynb", tmp_path, monkeypatch)
+  text = "\n".join(out.get("text", "") for out in outputs(nb)
+                   if out.get("output_type") == "stream")
+  assert "rtn w3a16g32: ppl ID" in text and "lrq w3a16g32: ppl ID" in text
+  lrq_params = int(text.split("lrq w3a16g32: ppl ID")[1].split(", ")[1].split()[0]
+                   .replace(",", ""))
+  assert lrq_params > 0  # LRQ learned something; RTN learns nothing
+  assert "0 learnable parameters" in text.split("lrq w3a16g32")[0]
+  assert text.count("BCQ outputs == integer outputs: True") == 2  # RTN and LRQ
+  assert "BCQ outputs == integer outputs: False" not in text
+  assert "BCQLinear" in text
+  assert any("image/png" in out.get("data", {}) for out in outputs(nb))

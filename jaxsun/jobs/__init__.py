@@ -20,6 +20,7 @@ JOBS = {
     "eval_harness": "jaxsun.jobs.eval_harness:run",
     "pretrain_attention": "jaxsun.jobs.pretrain_attention:run",
     "qsun": "jaxsun.jobs.qsun:run",
+    "ptq": "jaxsun.jobs.ptq:run",
 }
 
 
