@@ -11,7 +11,7 @@ from nbformat import v4
 OUT = pathlib.Path(__file__).parents[1] / "colab" / "ptq.ipynb"
 
 CELLS = [
-    ("md", r"""# Post-training quantization: RTN vs LRQ, and uniform -> BCQ
+    ("md", r"""# Post-training quantization: RTN vs LRQ vs UniQuanF, and uniform -> BCQ
 
 `jaxsun.quant.api.quantize(model, rules, method=...)` quantizes a trained decoder's
 `Linear`s: a *rule* maps a layer-path regex to a *scheme* (`"w4a16"`, `"w3a16g32"` = 3-bit
@@ -26,6 +26,10 @@ the integer weights are found:
   $S = \exp(L U + r\mathbf{1}^\top + \mathbf{1}c^\top)$ of rank $r$ that decides which
   way each weight rounds: $\hat W = s_1 \lfloor W \oslash (s_1 S) \rceil$. FlexRound
   learns a full matrix instead of $LU$; LRQ's rank-$r$ form has far fewer parameters.
+* **UniQuanF** (ACL 2025): the same reconstruction, but the levels are non-uniform
+  binary-coding (BCQ) levels $\sum_i \alpha_i \beta_i + o$ per row and group, reached
+  through FlexRound's learnable transformation; it starts exactly at the uniform grid
+  and the result is an ordinary BCQ weight.
 
 Then the **unification theorem** of UniQuanF: a uniform integer weight
 $s\,(q - z)$ is exactly a binary-coding (BCQ) weight $\sum_i \alpha_i \beta_i + o$ with
@@ -37,7 +41,7 @@ It
    study's base model, `configs/ptq.py`);
 2. measures perplexity in domain (Shakespeare validation) and out of domain
    (`gsm_symbolic` word problems) with the papers' protocol (`jaxsun.eval.perplexity`);
-3. quantizes it with RTN and LRQ at `w3a16g32` and compares;
+3. quantizes it with RTN, LRQ and UniQuanF at `w3a16g32` and compares;
 4. converts the quantized models to BCQ and checks the outputs match;
 5. plots the perplexities.
 
@@ -89,21 +93,25 @@ vocabulary scores 259."""),
 SEQ, BS = config.eval.seq_len, config.eval.batch_size
 ppl = {"float": ptq.perplexities(model, streams, seq_len=SEQ, batch_size=BS)}
 print({k: v.size for k, v in streams.items()}, "tokens;", "float:", ppl["float"])"""),
-    ("md", """## 3. RTN and LRQ at w3a16g32
+    ("md", """## 3. RTN, LRQ and UniQuanF at w3a16g32
 
-One rule quantizes every attention and MLP projection. LRQ needs calibration sequences
-(random windows of Shakespeare *train*) and a `ReconConfig` (steps per block, batch, lr);
-the report counts the parameters reconstruction learns."""),
+One rule quantizes every attention and MLP projection. LRQ and UniQuanF need calibration
+sequences (random windows of Shakespeare *train*) and a `ReconConfig` (steps per block,
+batch, lr; UniQuanF also `lr_b` for its BCQ scales); the report counts the parameters
+reconstruction learns."""),
     ("code", """SCHEME = "w3a16g32"
 rules = [(r"layers/\\d+/(attn|mlp)/.*", SCHEME)]
 train_ids = ptq.corpus_ids("shakespeare", "train", tok)
 calib = ptq.calibration_tokens(train_ids, config.calib.n_sequences, config.calib.seq_len, seed=0)
-recon = ReconConfig(steps=4 if SMALL else config.recon.steps, batch_size=config.recon.batch_size,
-                    lr=config.recon.lr.lrq, seed=0)
+steps = 4 if SMALL else config.recon.steps
+recon = ReconConfig(steps=steps, batch_size=config.recon.batch_size, lr=config.recon.lr.lrq, seed=0)
+recon_uq = ReconConfig(steps=steps, batch_size=config.recon.batch_size,
+                       lr=config.recon.lr.uniquanf, lr_b=config.recon.lr_b, seed=0)
 qmodels, reports = {}, {}
 for method, kw in [("rtn", {}),
                    ("lrq", dict(calib_tokens=calib, recon=recon,
-                                method_options={"rank": config.lrq_rank}))]:
+                                method_options={"rank": config.lrq_rank})),
+                   ("uniquanf", dict(calib_tokens=calib, recon=recon_uq))]:
   t0 = time.perf_counter()
   qmodels[method], reports[method] = api.quantize(model, rules, method=method, **kw)
   ppl[method] = ptq.perplexities(qmodels[method], streams, seq_len=SEQ, batch_size=BS)
@@ -117,10 +125,11 @@ print("float:", ppl["float"])"""),
 
 `api.to_bcq` replaces every `IntLinear` by a `BCQLinear` holding $\\alpha$ (one scale per
 bit, row and group), the binary codes and an offset: the same weights, so the same
-logits (up to float rounding of the sums)."""),
+logits (up to float rounding of the sums). UniQuanF's model is BCQ already."""),
     ("code", """from flax import nnx
 tokens = calib[:2, :32]
-for method, qm in qmodels.items():
+for method in ("rtn", "lrq"):
+  qm = qmodels[method]
   bq = api.to_bcq(qm)
   before = sorted({type(m).__name__ for _, m in nnx.iter_modules(qm) if "Linear" in type(m).__name__})
   after = sorted({type(m).__name__ for _, m in nnx.iter_modules(bq) if "Linear" in type(m).__name__})
@@ -130,16 +139,18 @@ for method, qm in qmodels.items():
         f"BCQ outputs == integer outputs: {err < 1e-4}")
   if method == "lrq":
     bq_lrq = bq
-print("BCQ perplexity (lrq):", ptq.perplexities(bq_lrq, streams, seq_len=SEQ, batch_size=BS))"""),
+print("BCQ perplexity (lrq):", ptq.perplexities(bq_lrq, streams, seq_len=SEQ, batch_size=BS))
+print("uniquanf layers:", sorted({type(m).__name__ for _, m in nnx.iter_modules(qmodels["uniquanf"])
+                                  if "Linear" in type(m).__name__}))"""),
     ("md", "## 5. Plot"),
     ("code", """names = list(ppl)
 x = np.arange(len(names))
-fig, ax = plt.subplots(figsize=(5.5, 3.2))
+fig, ax = plt.subplots(figsize=(6.5, 3.2))
 ax.bar(x - 0.2, [ppl[n]["id"] for n in names], 0.4, label="in domain (Shakespeare)")
 ax.bar(x + 0.2, [ppl[n]["ood"] for n in names], 0.4, label="out of domain (gsm_symbolic)")
 ax.set_xticks(x); ax.set_xticklabels([n if n == "float" else f"{n} {SCHEME}" for n in names])
 ax.set_ylabel("perplexity"); ax.legend(fontsize=8)
-ax.set_title("float vs RTN vs LRQ")
+ax.set_title("float vs RTN vs LRQ vs UniQuanF")
 plt.show()"""),
 ]
 

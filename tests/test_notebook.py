@@ -113,7 +113,11 @@ def test_ptq_notebook_executes(tmp_path, monkeypatch):
   nb = execute("ptq.ipynb", tmp_path, monkeypatch)
   text = "\n".join(out.get("text", "") for out in outputs(nb)
                    if out.get("output_type") == "stream")
-  assert "rtn w3a16g32: ppl ID" in text and "lrq w3a16g32: ppl ID" in text
+  assert all(f"{m} w3a16g32: ppl ID" in text for m in ("rtn", "lrq", "uniquanf"))
+  uq_params = int(text.split("uniquanf w3a16g32: ppl ID")[1].split(", ")[1].split()[0]
+                  .replace(",", ""))
+  assert uq_params > 0
+  assert "uniquanf layers: ['BCQLinear']" in text
   lrq_params = int(text.split("lrq w3a16g32: ppl ID")[1].split(", ")[1].split()[0]
                    .replace(",", ""))
   assert lrq_params > 0  # LRQ learned something; RTN learns nothing

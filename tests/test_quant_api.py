@@ -206,6 +206,30 @@ def test_calibrated_qwix_baselines_against_rtn_on_layer_outputs(small):
   assert out["gptq"].layers[0].mlp.up_proj.weight_scheme.symmetric  # qwix GPTQ: symmetric
 
 
+@pytest.mark.parametrize("bits", [2, 3])
+def test_qwix_gptq_runs_sub_4_bit_grids(small, bits):
+  """qwix 0.1.8's GPTQ rejects the synthetic int2 / int3 qtypes; the adapter runs them and
+  GPTQ beats symmetric RTN on the layer output (the error it minimises)."""
+  w = _kernel(64, 48, seed=3)
+  x = jax.random.normal(jax.random.key(4), (256, 64)) * jnp.linspace(0.2, 3.0, 64)
+  s = UniformScheme(bits=bits, group_size=32, symmetric=True)
+  codes, scale, zero = qwix_adapter.gptq(w, x, s)
+  assert int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) <= 2 ** (bits - 1) - 1
+  assert len(np.unique(np.asarray(codes))) > 2 ** bits // 2  # the whole grid is used
+  rs, rz = quantizers.rtn_params(w, s)
+  rtn = quantizers.dequantize(quantizers.quantize(w, rs, rz, s), rs, rz, s)
+  gptq = quantizers.dequantize(codes, scale, zero, s)
+  err = lambda v: float(jnp.linalg.norm(x @ v - x @ w))
+  assert err(gptq) < 0.95 * err(rtn), (err(gptq), err(rtn))
+  # Through the interface, on a model.
+  _, model, tokens = small
+  q, _ = api.quantize(model, [(r"layers/0/mlp/up_proj", f"w{bits}a16g32")], method="gptq",
+                      calib_tokens=tokens)
+  layer = q.layers[0].mlp.up_proj
+  assert layer.weight_scheme.bits == bits and layer.weight_scheme.symmetric
+  assert np.isfinite(np.asarray(q(tokens[:2])[0])).all()
+
+
 def test_fp8_config_is_the_fp8_rule(small):
   cfg, model, tokens = small
   fp8_model = jaxsun.Decoder(dataclasses.replace(cfg, fp8="current"), rngs=nnx.Rngs(0))

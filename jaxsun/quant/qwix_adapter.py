@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -129,10 +130,29 @@ def gptq(w: jax.Array, x: jax.Array, scheme: UniformScheme, *, block_size: int =
   """
   scheme = gptq_scheme(scheme)
   h = gptq_core.compute_hessian(x.astype(jnp.float32).T)  # f32[in, in]
-  qa, _ = gptq_core.quantize_weight(w.astype(jnp.float32).T, h, _how(scheme, w.shape[0]),
-                                    blocksize=min(block_size, w.shape[0]),
-                                    percdamp=damping)
+  # qwix 0.1.8's GPTQ allocates its code buffer with `jnp.zeros_like(W, dtype=qtype)`,
+  # which rejects the synthetic "int2" / "int3" qtypes that the rest of qwix (grids,
+  # rounding) supports ("TODO: support synthetic qtype" there). During this trace only,
+  # its `jnp` allocates such buffers in the storage type the rounding returns (int4).
+  with mock.patch.object(gptq_core, "jnp", _SyntheticQtypeNumpy()):
+    qa, _ = gptq_core.quantize_weight(w.astype(jnp.float32).T, h,
+                                      _how(scheme, w.shape[0]),
+                                      blocksize=min(block_size, w.shape[0]),
+                                      percdamp=damping)
   return _from_transposed(qa, scheme)
+
+
+class _SyntheticQtypeNumpy:
+  """`jax.numpy` whose `zeros_like` maps qwix's synthetic "intN" qtypes to int4 / int8."""
+
+  def __getattr__(self, name):
+    return getattr(jnp, name)
+
+  @staticmethod
+  def zeros_like(a, dtype=None, **kwargs):
+    if isinstance(dtype, str) and dtype.startswith("int") and dtype[3:].isdigit():
+      dtype = storage_dtype(int(dtype[3:]))
+    return jnp.zeros_like(a, dtype=dtype, **kwargs)
 
 
 def awq(w: jax.Array, x: jax.Array, scheme: UniformScheme, *, n_grid: int = 20
