@@ -52,6 +52,15 @@ def test_every_variant_builds_and_validates(variant):
     assert c.lrq_rank * (64 + 192) < 64 * 192 / 4
 
 
+def test_calibration_seeds_per_cell():
+  c = ptq_config.get_config("tiny")
+  assert ptq.seeds_of(c, "rtn", "w4a16") == (0,)  # no data: one run
+  assert ptq.seeds_of(c, "bcq", "w3a16g32") == (0,)
+  assert ptq.seeds_of(c, "rtn", "w4a8") == (0,)  # per-token activations: dynamic
+  assert ptq.seeds_of(c, "rtn", "w8a8") == (0, 1, 2)  # static activation ranges
+  assert ptq.seeds_of(c, "lrq", "w4a16") == (0, 1, 2)
+
+
 def test_unknown_variant_names_it():
   with pytest.raises(ValueError, match="'huge'.*:tiny"):
     ptq_config.get_config("huge")

@@ -123,9 +123,20 @@ def cell_name(method: str, scheme: str) -> str:
   return f"{method}:{scheme}"
 
 
-def seeds_of(config, method: str) -> tuple[int, ...]:
+def uses_calibration(method: str, scheme: str) -> bool:
+  """Whether a cell's result depends on the calibration sample: every method but rtn /
+  bcq, and those too on schemes with static (calibrated) activation ranges (W8A8)."""
+  from jaxsun.quant.schemes import parse_scheme  # pylint: disable=g-import-not-at-top
+  if method not in DETERMINISTIC:
+    return True
+  act = parse_scheme(scheme).act
+  return act is not None and act.static
+
+
+def seeds_of(config, method: str, scheme: str) -> tuple[int, ...]:
+  """The calibration seeds a cell runs: one when its result cannot depend on them."""
   seeds = tuple(config.calib.seeds)
-  return seeds[:1] if method in DETERMINISTIC else seeds
+  return seeds if uses_calibration(method, scheme) else seeds[:1]
 
 
 def recon_config(config, method: str, seed: int):
@@ -257,7 +268,8 @@ def quantize_cell(model, method: str, scheme: str, calib: jax.Array | None, *,
   from jaxsun.quant import api  # pylint: disable=g-import-not-at-top
   qscheme, _ = effective_scheme(method, scheme)
   qmodel, report = api.quantize(model, [(RULE_PATH, qscheme)], method=method,
-                                calib_tokens=None if method in DETERMINISTIC else calib,
+                                calib_tokens=calib if uses_calibration(method, scheme)
+                                else None,
                                 recon=recon, method_options=dict(options or {}), log=log)
   params = int(sum(int(v.get("params", 0)) for v in report["layers"].values()))
   return qmodel, report, params
@@ -492,7 +504,8 @@ def markdown_report(results: Mapping) -> str:
            f"validation), {results['eval_tokens']['ood']:,} out-of-domain tokens "
            f"({results['config']['eval']['ood_task']} {results['config']['eval']['ood_split']}),"
            f" windows of {results['config']['eval']['seq_len']}. Mean ± std over "
-           f"calibration seeds {list(seeds)} (rtn, bcq: deterministic, one run).", "",
+           f"calibration seeds {list(seeds)} (rtn, bcq: one run, they use no data, except "
+           "w8a8's calibrated activation ranges).", "",
            "## Perplexity in domain / out of domain (mean over seeds)", "",
            "| method | " + " | ".join(schemes) + " |",
            "|---|" + "---|" * len(schemes),
@@ -532,15 +545,24 @@ def markdown_report(results: Mapping) -> str:
             "SmoothQuant: alpha 0.5, then RTN. Learnable params: the parameters "
             "reconstruction trains (0: none trained).", ""]
   lines += claims_markdown(results)
-  lines += ["", f"Wall time {results.get('wall_time_s', 0):.0f} s "
-            f"({results.get('backend', '')}, jax {results.get('jax', '')})."]
+  lines += ["", f"{_wall_time(results)} ({results.get('backend', '')}, "
+            f"jax {results.get('jax', '')})."]
   return "\n".join(lines) + "\n"
+
+
+def _wall_time(results: Mapping) -> str:
+  text = f"Wall time {results.get('wall_time_s', 0):.0f} s"
+  if results.get("resumed_runs"):
+    text += (f" in the last session, which read {results['resumed_runs']} finished runs "
+             "back from results.json")
+  return text
 
 
 def make_plot(results: Mapping, path: pathlib.Path) -> pathlib.Path:
   """Grouped bars of ID and OOD perplexity per scheme and method (error bars: std over
   seeds), the float model as a dashed line; log scale."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   summary = results["summary"]
@@ -562,7 +584,11 @@ def make_plot(results: Mapping, path: pathlib.Path) -> pathlib.Path:
         ax.bar(xs, ys, width, yerr=es, capsize=2, label=_label(m), color=colors(j))
     ax.axhline(results["float"][key], color="k", ls="--", lw=1, label="float")
     ax.set_yscale("log")
-    ax.set_ylabel("perplexity")
+    fmt = matplotlib.ticker.FormatStrFormatter("%.1f")  # plain numbers, not 10^x
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_title(title, fontsize=10)
   axes[1].set_xticks(range(len(schemes)))
   axes[1].set_xticklabels(schemes)
@@ -607,7 +633,7 @@ def write_command(config, workdir: pathlib.Path, results: Mapping) -> None:
   from jaxsun.jobs import common  # pylint: disable=g-import-not-at-top
   text = ["# Reproduce", "", "```", command_line(config, workdir), "```", "",
           f"argv of this run: `{' '.join(sys.argv)}`", "",
-          f"Wall time {results.get('wall_time_s', 0):.0f} s on {results.get('backend')} "
+          f"{_wall_time(results)} on {results.get('backend')} "
           f"({results.get('devices', [''])[0]}), jax {results.get('jax')}.", ""]
   common.write_bytes_atomic(workdir / "COMMAND.md", "\n".join(text).encode())
 
@@ -666,7 +692,7 @@ def run(config, workdir: str | os.PathLike) -> dict:
     old = prev_cells.get(name, {}).get("runs", {})
     cell = results["cells"].setdefault(name, {"method": method, "scheme": scheme,
                                               "runs": {}})
-    for seed in seeds_of(config, method):
+    for seed in seeds_of(config, method, scheme):
       key = str(seed)
       if key in old:
         cell["runs"][key] = old[key]
