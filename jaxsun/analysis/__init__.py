@@ -1,4 +1,4 @@
-"""Analysis of attention variants: attention statistics, training stability, figures.
+"""Analysis: attention statistics, training stability, sharpness, figures.
 
 The measures of the Affine-Scaled Attention paper's analysis (papers.md §2):
 
@@ -27,6 +27,16 @@ Training stability (`stability`), on per-step series:
                                         `window` previous steps (None: the whole series)
     mad(x, scale=1.0)                   raw median absolute deviation
     stability_summary(losses, grad_norms, ks=(6, 9))                 dict
+    divergence(losses, margin=1.0, patience=1)   Divergence: first non-finite loss, or
+                                        first of `patience` steps above the running
+                                        minimum + margin (precision study, papers.md §8)
+    grad_norm_stats(grad_norms)         mean / std / max / p99 / non-finite count
+
+Sharpness (`sharpness`), on logits: phi = 100 [max over the box |y| <= eps (|x| + 1)
+of f(x + y) - f(x)] / (1 + f(x)), maximised by projected sign-gradient ascent:
+
+    logit_sharpness(loss_fn, x, data=None, eps=1e-3, steps=10, step_size=0.25)
+    last_token_sharpness(logits, targets, ...)   phi of the last token's mean CE
 
 Figures (`plots`; matplotlib is imported on the first plot): each takes
 {variant_name: data} and writes one PNG, variants in consistent colours.
@@ -40,14 +50,17 @@ from jaxsun.analysis.plots import (plot_attention_maps, plot_entropy_per_layer,
                                    plot_head_diversity_per_layer,
                                    plot_query_mass_distribution, plot_training_curves,
                                    variant_colors)
-from jaxsun.analysis.stability import (Spikes, grad_norm_variance, loss_spikes, mad,
+from jaxsun.analysis.sharpness import last_token_sharpness, logit_sharpness
+from jaxsun.analysis.stability import (Divergence, Spikes, divergence, grad_norm_stats,
+                                       grad_norm_variance, loss_spikes, mad,
                                        rolling_variance, stability_summary)
 
 __all__ = [
     "QUANTILES", "QueryMass", "attention_entropy", "attention_summary", "first_token_mass",
     "head_diversity", "query_mass", "summarize",
     "Spikes", "grad_norm_variance", "loss_spikes", "mad", "rolling_variance",
-    "stability_summary",
+    "stability_summary", "Divergence", "divergence", "grad_norm_stats",
+    "last_token_sharpness", "logit_sharpness",
     "plot_attention_maps", "plot_entropy_per_layer", "plot_first_token_mass_per_layer",
     "plot_head_diversity_per_layer", "plot_query_mass_distribution", "plot_training_curves",
     "variant_colors",

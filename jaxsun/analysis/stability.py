@@ -305,3 +305,87 @@ def stability_summary(losses: Any, grad_norms: Any = None, ks: Sequence[float] =
     out["grad_norm_variance"] = var if math.isfinite(var) else None
     out["grad_norm_mean"] = mean if math.isfinite(mean) else None
   return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Divergence:
+  """The result of `divergence`.
+
+  Attributes:
+    diverged: whether the run diverged.
+    index: position of the first divergent step, or None.
+    reason: "nonfinite" (NaN / inf loss), "above_min" (loss above its running minimum
+      by more than `margin` for `patience` consecutive steps), or None.
+    running_min: f64[n], the minimum of the finite losses up to and including each step
+      (NaN before the first finite one).
+    margin, patience: the rule's parameters.
+  """
+  diverged: bool
+  index: int | None
+  reason: str | None
+  running_min: np.ndarray
+  margin: float
+  patience: int
+
+  def to_dict(self, steps: Any = None) -> dict[str, Any]:
+    at = None if self.index is None else (
+        self.index if steps is None else int(np.asarray(steps)[self.index]))
+    return {"diverged": self.diverged, "step": at, "reason": self.reason,
+            "margin": self.margin, "patience": self.patience}
+
+
+def divergence(losses: Any, margin: float = 1.0, patience: int = 1) -> Divergence:
+  """Whether (and where) a training run diverged.
+
+  A run diverges at the first step whose loss is non-finite, or at the first step of
+  `patience` consecutive steps whose loss exceeds the running minimum of the finite
+  losses before it by more than `margin` (loss units, e.g. nats; the "loss above its
+  running minimum" rule of the precision-stability study, papers.md §8). A single spike
+  that recovers within `patience - 1` steps is not a divergence (`loss_spikes` counts
+  those).
+
+  Args:
+    losses: f64[n] per-step loss.
+    margin: the allowed rise above the running minimum, > 0.
+    patience: consecutive steps above it that count as divergence, >= 1.
+
+  Returns:
+    A `Divergence`; `index` is the first step of the run of `patience` steps.
+  """
+  x = _series("losses", losses)
+  if isinstance(margin, bool) or not isinstance(margin, (int, float, np.number)) \
+      or not margin > 0:
+    raise ValueError(f"margin={margin!r} must be a positive number")
+  patience = _positive_int("patience", patience)
+  finite = np.isfinite(x)
+  running = np.fmin.accumulate(np.where(finite, x, np.nan))
+  # Compare with the minimum of the steps *before* i, so a falling loss never counts.
+  before = np.concatenate([[np.nan], running[:-1]])
+  with np.errstate(invalid="ignore"):
+    above = finite & np.isfinite(before) & (x > before + float(margin))
+  first_bad = int(np.argmax(~finite)) if (~finite).any() else None
+  first_above = None
+  streak = 0
+  for i, a in enumerate(above):
+    streak = streak + 1 if a else 0
+    if streak == patience:
+      first_above = i - patience + 1
+      break
+  candidates = [(i, r) for i, r in ((first_bad, "nonfinite"), (first_above, "above_min"))
+                if i is not None]
+  index, reason = min(candidates) if candidates else (None, None)
+  return Divergence(diverged=index is not None, index=index, reason=reason,
+                    running_min=running, margin=float(margin), patience=patience)
+
+
+def grad_norm_stats(grad_norms: Any) -> dict[str, float | int | None]:
+  """mean, std, max, 99th percentile and count of the finite gradient norms, plus the
+  number of non-finite ones; for JSON (None where nothing is finite)."""
+  g = _series("grad_norms", grad_norms)
+  fin = g[np.isfinite(g)]
+  if fin.size == 0:
+    return {"mean": None, "std": None, "max": None, "p99": None, "count": 0,
+            "nonfinite": int(g.size)}
+  return {"mean": float(fin.mean()), "std": float(fin.std()), "max": float(fin.max()),
+          "p99": float(np.percentile(fin, 99)), "count": int(fin.size),
+          "nonfinite": int(g.size - fin.size)}
