@@ -9,6 +9,7 @@
     jaxsun.quant.ptq           quantizers, BCQ, UniQuanF, methods, block reconstruction
     jaxsun.quant.fp8           FP8 formats, block scales, current and delayed scaling
     jaxsun.quant.float_sim     any ExMy format simulated in float32
+    jaxsun.quant.masked_gemm   training with ExMy-masked GEMM operands, forward and backward
     jaxsun.quant.codebook      the codebook quantizer and an RTN baseline
     jaxsun.quant.layers        CodebookLinear, quantize_model (the codebook rule)
 """
