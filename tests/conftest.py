@@ -34,6 +34,11 @@ def _tfds_dir_per_session(tmp_path_factory):
 # ("1 rerun") with the worker's native traceback above it.
 _CRASH_RERUNS = 1
 _crashes: dict[str, int] = {}
+_session_config = []
+
+
+def pytest_configure(config):
+  _session_config[:] = [config]
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -43,6 +48,11 @@ def pytest_handlecrashitem(crashitem, report, sched):
     sched.mark_test_pending(crashitem)
     report.outcome = "rerun"
     report.longrepr = f"{report.longrepr}: rescheduled once on a fresh worker"
+    tr = (_session_config[0].pluginmanager.get_plugin("terminalreporter")
+          if _session_config else None)
+    if tr is not None:  # name it in the log: `-q` shows a rerun only as "R"
+      tr.write_line(f"\nRERUN {crashitem}: its worker crashed; rescheduled once",
+                    yellow=True)
 
 
 def pytest_report_teststatus(report):
