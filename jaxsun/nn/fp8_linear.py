@@ -15,7 +15,6 @@ Two scaling modes (`ModelConfig.fp8`):
 
 from __future__ import annotations
 
-import re
 
 import jax
 import jax.numpy as jnp
@@ -152,11 +151,5 @@ def apply(module: nnx.Module, mode: str) -> nnx.Module:
     raise ValueError(f"fp8 mode {mode!r} is not one of {FP8_MODES}")
   if mode == "none":
     return module
-  for path, m in list(nnx.iter_modules(module)):
-    name = "/".join(map(str, path))
-    if type(m) is layers.Linear and re.fullmatch(FP8_LAYERS, name):
-      parent = module
-      for p in path[:-1]:
-        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-      setattr(parent, path[-1], Fp8Linear.from_linear(m, mode=mode))
-  return module
+  return layers.swap_linears(module, FP8_LAYERS,
+                             lambda m: Fp8Linear.from_linear(m, mode=mode))

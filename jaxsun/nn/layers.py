@@ -10,6 +10,7 @@ and everything statistical run in float32.
 
 from __future__ import annotations
 
+import re
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,19 @@ class Linear(nnx.Module):
     out_dtype = self.dtype if out_dtype is None else out_dtype
     return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
                    preferred_element_type=out_dtype)
+
+
+def swap_linears(module: nnx.Module, regex: str, make) -> nnx.Module:
+  """Replaces, in place, every plain `Linear` under `module` whose path ("layers/0/mlp/
+  up_proj") fully matches `regex` by `make(linear)`; returns `module`. How FP8 and
+  masked-GEMM layers are put into a model."""
+  for path, m in list(nnx.iter_modules(module)):
+    if type(m) is Linear and re.fullmatch(regex, "/".join(map(str, path))):
+      parent = module
+      for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+      setattr(parent, path[-1], make(m))
+  return module
 
 
 class Embedding(nnx.Module):

@@ -198,11 +198,4 @@ def apply(module: nnx.Module, cfg: MaskedGemm, layers_regex: str = MASKED_LAYERS
     raise ValueError(f"cfg={cfg!r} must be a MaskedGemm")
   if cfg.is_identity:
     return module
-  for path, m in list(nnx.iter_modules(module)):
-    name = "/".join(map(str, path))
-    if type(m) is layers.Linear and re.fullmatch(layers_regex, name):
-      parent = module
-      for p in path[:-1]:
-        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-      setattr(parent, path[-1], MaskedLinear(m, cfg))
-  return module
+  return layers.swap_linears(module, layers_regex, lambda m: MaskedLinear(m, cfg))
