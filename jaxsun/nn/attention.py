@@ -226,38 +226,44 @@ def sdpa(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
   return out[:, tq - t:]
 
 
-def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+def _masked_scores(q: jax.Array, k: jax.Array, mask: jax.Array, gemm=None) -> jax.Array:
   """q k^T / sqrt(hd) with masked entries at MASK_VALUE: f32[B, Hkv, G, T, S]."""
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
-                      preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+  if gemm is None:
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+  else:
+    scores = gemm.einsum("btkgd,bskd->bkgts", q, k)
+  scores = scores / jnp.sqrt(q.shape[-1])
   return jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
 
 
-def softmax_probs(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+def softmax_probs(q: jax.Array, k: jax.Array, mask: jax.Array, gemm=None) -> jax.Array:
   """softmax(q k^T / sqrt(hd)) with masking, in float32.
 
   Args:
     q: [B, T, Hkv, G, hd].
     k: [B, S, Hkv, hd].
     mask: bool[B, T, S].
+    gemm: None, or what computes q k^T (`Attention.gemm`: a masked GEMM).
 
   Returns:
     f32[B, Hkv, G, T, S] attention probabilities.
   """
-  return jax.nn.softmax(_masked_scores(q, k, mask), axis=-1)
+  return jax.nn.softmax(_masked_scores(q, k, mask, gemm), axis=-1)
 
 
-def sink_probs(q: jax.Array, k: jax.Array, mask: jax.Array, sink: jax.Array) -> jax.Array:
+def sink_probs(q: jax.Array, k: jax.Array, mask: jax.Array, sink: jax.Array, gemm=None
+               ) -> jax.Array:
   """e^x_s / (e^sink + sum_s' e^x_s') in float32, with a sink logit per head.
 
   Args:
-    q, k, mask: as in `softmax_probs`.
+    q, k, mask, gemm: as in `softmax_probs`.
     sink: f32[Hkv, G] sink logits (0 for off-by-one).
 
   Returns:
     f32[B, Hkv, G, T, S]; rows sum to sigmoid(lse - sink) < 1.
   """
-  scores = _masked_scores(q, k, mask)
+  scores = _masked_scores(q, k, mask, gemm)
   sink = sink.astype(jnp.float32)[None, :, :, None, None]  # f32[1, Hkv, G, 1, 1]
   m = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sink)
   e = jnp.exp(scores - m)
@@ -311,6 +317,9 @@ class Attention(nnx.Module):
     self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
     self.dtype = cfg.dtype
     self.impl = cfg.attention_impl
+    # None, or an object whose `einsum(spec, a, b)` computes the score and value
+    # products (a masked GEMM: `jaxsun.quant.masked_gemm.apply`); forces the naive path.
+    self.gemm = None
     kw = dict(std=cfg.init_std, param_dtype=cfg.params_dtype, dtype=cfg.dtype, rngs=rngs)
     dense = layers.Linear  # FP8 (`cfg.fp8`) swaps them afterwards: fp8_linear.apply
     self.q_proj = dense(cfg.d_model, cfg.q_dim, ("embed", "heads"), **kw)
@@ -412,7 +421,9 @@ class Attention(nnx.Module):
 
   def attend(self, a: AttendInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The scoring rule. Returns (out [B, T, Hkv, G, hd] in compute dtype, new state)."""
-    if self.impl == "naive":
+    if self.gemm is not None:
+      out = self.gemm.einsum("bkgts,bskd->btkgd", self.weights(a), a.v)
+    elif self.impl == "naive":
       w = self.weights(a)  # f32[B, Hkv, G, T, S]
       out = jnp.einsum("bkgts,bskd->btkgd", w.astype(self.dtype), a.v.astype(self.dtype),
                        preferred_element_type=jnp.float32)
@@ -423,7 +434,7 @@ class Attention(nnx.Module):
 
   def weights(self, a: AttendInputs) -> jax.Array:
     """The effective attention weights, f32[B, Hkv, G, T, S] (the naive reference)."""
-    return softmax_probs(a.q, a.k, a.mask)
+    return softmax_probs(a.q, a.k, a.mask, self.gemm)
 
   def fused(self, a: AttendInputs) -> jax.Array:
     """`weights(a) @ v` through the fused op: [B, T, Hkv, G, hd]."""
@@ -476,7 +487,7 @@ class OffByOneAttention(Attention):
     return jnp.zeros((self.n_kv_heads, self.n_heads // self.n_kv_heads), jnp.float32)
 
   def weights(self, a):
-    return sink_probs(a.q, a.k, a.mask, self.sink_logits())
+    return sink_probs(a.q, a.k, a.mask, self.sink_logits(), self.gemm)
 
   def fused(self, a):
     return self._sdpa(a, sink=self.sink_logits())
@@ -574,7 +585,7 @@ class AffineAttention(Attention):
 
   def weights(self, a):
     alpha, beta = self.alpha_beta(a, jnp.sum(a.mask, axis=-1).astype(jnp.float32))
-    p = softmax_probs(a.q, a.k, a.mask)
+    p = softmax_probs(a.q, a.k, a.mask, self.gemm)
     visible = a.mask[:, None, None].astype(jnp.float32)  # f32[B, 1, 1, T, S]
     return self._by_head(alpha) * p + self._by_head(beta) * visible
 
