@@ -126,3 +126,18 @@ def test_ptq_notebook_executes(tmp_path, monkeypatch):
   assert "BCQ outputs == integer outputs: False" not in text
   assert "BCQLinear" in text
   assert any("image/png" in out.get("data", {}) for out in outputs(nb))
+
+
+def test_precision_notebook_executes(tmp_path, monkeypatch):
+  nb = execute("precision.ipynb", tmp_path, monkeypatch)
+  text = "\n".join(out.get("text", "") for out in outputs(nb)
+                   if out.get("output_type") == "stream")
+  assert "E8M3: max" in text
+  # 1.078 at 3 mantissa bits: 1.125 to nearest, 1 truncated.
+  assert "nearest  1.125, " in text and "truncate 1, " in text
+  for fmt in ("fp32", "e8m3", "e4m7", "fp8_delayed"):
+    assert f"\n{fmt:12s} " in "\n" + text, fmt
+  assert "E4M3/E4M3/E5M2-delayed" in text
+  assert "with NaN        diverged=True" in text and "(nonfinite)" in text
+  assert "(above_min)" in text and "fp32 seed 0     diverged=False" in text
+  assert sum("image/png" in out.get("data", {}) for out in outputs(nb)) == 1

@@ -21,6 +21,8 @@ JOBS = {
     "pretrain_attention": "jaxsun.jobs.pretrain_attention:run",
     "qsun": "jaxsun.jobs.qsun:run",
     "ptq": "jaxsun.jobs.ptq:run",
+    "fp8_inference": "jaxsun.jobs.fp8_inference:run",
+    "precision_stability": "jaxsun.jobs.precision_stability:run",
 }
 
 
