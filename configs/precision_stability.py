@@ -23,7 +23,7 @@ of `masked_gemm.RECIPES` ("fp8": E4M3 forward / E5M2 gradients, current per-tens
 scaling; "fp8_delayed": amax-history scaling; "fp8_gaudi2": E4M3 clipped at 240).
 
 Variants:
-  :tiny   2 CPU cores, about 30 minutes: d_model 64, 2 layers (82k parameters with the
+  :tiny   2 CPU cores, 30-40 minutes: d_model 64, 2 layers (115,200 parameters with the
           byte vocabulary), batch 16 x 64 tokens, 300 steps, seeds 0-2, 11 formats x
           {1, 3, 10}x a tuned base among {1e-3, 3e-3, 1e-2}.
   :smoke  tests: 2 formats, one multiplier, 2 seeds, 6 steps; seconds.
@@ -31,8 +31,13 @@ Variants:
   :gpt2   the paper's GPT-2-124M shape (12 x 768, 12 heads, seq 1024, 5 seeds): for
           users with accelerators; hours per cell.
 
-Measured result (`:tiny`, 2 CPU cores): see experiments/results/precision_stability/
-(README.md there has the figures; filled in when the run finished).
+Measured result (`:tiny` with 30x and 100x added, 3 seeds, 2 loaded CPU cores; 1/3/10x
+took 2280 s, all five 4544 s; experiments/results/precision_stability/README.md):
+tuned base lr 3e-3; final validation loss at 1x FP32 2.314 ± 0.066, E8M3 2.357 ± 0.047,
+E4M3 (unscaled) 3.257 ± 0.237, FP8 current scaling 2.370 ± 0.074; at 10x FP32
+2.443 ± 0.078 against E4M7 3.344 ± 0.133. Divergences: only E4M7, 1/3 at 30x and 3/3 at
+100x (0 of the other 159 runs). Sharpness did not rise before those divergences
+(log-ratio -0.30 ± 0.18 against 0.04 ± 0.42 for runs that did not diverge).
 """
 
 import ml_collections

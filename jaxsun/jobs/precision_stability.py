@@ -405,8 +405,10 @@ def plot_heatmap(results: Mapping, path: pathlib.Path) -> pathlib.Path:
     ax.set_xlabel("learning rate (x tuned base)")
     ax.set_title(title)
     for (i, j), v in np.ndenumerate(data):
+      # White labels on the dark half of the colour map so every cell stays readable.
+      dark = not np.isnan(v) and sum(im.cmap(im.norm(v))[:3]) < 1.5
       ax.text(j, i, "-" if np.isnan(v) else f"{v:.3g}", ha="center", va="center",
-              fontsize=8)
+              fontsize=8, color="white" if dark else "black")
     fig.colorbar(im, ax=ax)
   fig.tight_layout()
   return _save(fig, path)
