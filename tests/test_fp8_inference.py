@@ -58,9 +58,14 @@ _NP_BLOCKS = {"tensor": ((8, 256), (256, 128)), "row": ((1, 256), (256, 128)),
 def test_f32_accumulation_matches_an_independent_numpy_reference(granularity, fmt, fmax):
   x, w = _operands(outlier_rows=True)
   ab, wb = _NP_BLOCKS[granularity]
-  want = _np_quantize(np.asarray(x), ab, fmax) @ _np_quantize(np.asarray(w), wb, fmax)
+  xq, wq = _np_quantize(np.asarray(x), ab, fmax), _np_quantize(np.asarray(w), wb, fmax)
+  want = xq @ wq
   got = fr.recipe_dot(x, w, fr.Fp8Recipe(granularity, fmt))
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+  # f32 sums in another order differ by rounding relative to sum |terms|, not to the
+  # (possibly cancelled) result: bound the error by that condition number.
+  bound = 1e-5 * (np.abs(xq) @ np.abs(wq)) + 1e-7
+  err = np.abs(np.asarray(got) - want)
+  assert np.all(err <= bound), (err / bound).max()
   # Error budget against the exact product (qwix-style, per recipe).
   exact = np.asarray(jnp.dot(x, w, precision=HIGHEST))
   rel = np.linalg.norm(np.asarray(got) - exact) / np.linalg.norm(exact)

@@ -1,13 +1,16 @@
-"""Pieces the jobs share: workdirs, atomic files, configs to dataclasses, exact match."""
+"""Pieces the jobs share: workdirs, atomic files, configs to dataclasses, the reproduce
+command and resumable results of the studies, exact match."""
 
 from __future__ import annotations
 
 import json
 import os
 import pathlib
+import shlex
+import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -49,6 +52,55 @@ def to_dict(config) -> dict:
   """A ConfigDict (or a plain mapping) as a JSON-able dict."""
   d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
   return json.loads(json.dumps(d, default=str))
+
+
+def flatten(d: Mapping, prefix: str = "") -> dict:
+  """A nested mapping as {"a.b.c": leaf}: the keys `--config.a.b.c=...` overrides name."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def command_line(config, workdir, config_file: str, template) -> str:
+  """The launch command reproducing `config`: `config_file:variant` plus one
+  `--config.key=value` per leaf that differs from `template` (the variant's defaults)."""
+  variant = config.get("variant", "tiny")
+  base = flatten(to_dict(template))
+  args = [f"--config={config_file}:{variant}", f"--workdir={workdir}"]
+  for k, v in flatten(to_dict(config)).items():
+    if base.get(k, object()) != v:
+      v = tuple(v) if isinstance(v, list) else v
+      args.append(f"--config.{k}={v!r}" if isinstance(v, (str, tuple)) else
+                  f"--config.{k}={v}")
+  return "python -m experiments.launch " + " ".join(shlex.quote(a) for a in args)
+
+
+def write_command(workdir: pathlib.Path, command: str, footer: str) -> None:
+  """COMMAND.md: the reproduce command, this process's argv and a line on time/machine."""
+  text = ["# Reproduce", "", "```", command, "```", "",
+          f"argv of this run: `{' '.join(sys.argv)}`", "", footer, ""]
+  write_bytes_atomic(pathlib.Path(workdir) / "COMMAND.md", "\n".join(text).encode())
+
+
+def load_previous(path: pathlib.Path, ident: Mapping, job: str) -> dict:
+  """An earlier results.json written with the same `identity` (the settings its finished
+  runs depend on), so a study resumes where it stopped; {} if absent, unreadable, or
+  written with other settings."""
+  if not path.exists():
+    return {}
+  try:
+    prev = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    return {}
+  if prev.get("identity") != json.loads(json.dumps(ident)):
+    print(f"{job}: results.json was written with other settings: starting over",
+          flush=True)
+    return {}
+  return prev
 
 
 def model_config(model_cfg, vocab_size: int, name: str) -> jaxsun.ModelConfig:

@@ -21,13 +21,10 @@ and COMMAND.md.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import pathlib
 import re
-import shlex
-import sys
 import time
 from typing import Mapping
 
@@ -41,16 +38,6 @@ REF_CACHE_BYTES = 2 << 30  # reference log-probs kept on device up to this size
 # ----------------------------------------------------------------------------- config
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def _template(variant: str):
   from configs import fp8_inference as cfg_lib  # pylint: disable=g-import-not-at-top
   return cfg_lib.get_config(variant if variant in cfg_lib.VARIANTS else "tiny")
@@ -62,8 +49,8 @@ def check_config(config) -> None:
   from jaxsun.quant import fp8, fp8_recipes  # pylint: disable=g-import-not-at-top
   if config.get("job") != "fp8_inference":
     raise ValueError(f"config.job={config.get('job')!r} must be 'fp8_inference'")
-  ours = set(_flatten(common.to_dict(config)))
-  want = set(_flatten(common.to_dict(_template(config.get("variant", "tiny")))))
+  ours = set(common.flatten(common.to_dict(config)))
+  want = set(common.flatten(common.to_dict(_template(config.get("variant", "tiny")))))
   for key in sorted(ours - want):
     raise ValueError(f"config.{key} is not a key of configs/fp8_inference.py")
   for key in sorted(want - ours):
@@ -584,45 +571,16 @@ def make_plot(results: Mapping, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def command_line(config, workdir) -> str:
-  """The launch command reproducing `config` (its variant plus --config.* overrides)."""
-  from jaxsun.jobs import common  # pylint: disable=g-import-not-at-top
-  variant = config.get("variant", "tiny")
-  base = _flatten(common.to_dict(_template(variant)))
-  args = [f"--config=configs/fp8_inference.py:{variant}", f"--workdir={workdir}"]
-  for k, v in _flatten(common.to_dict(config)).items():
-    if base.get(k, object()) != v:
-      v = tuple(v) if isinstance(v, list) else v
-      args.append(f"--config.{k}={v!r}" if isinstance(v, (str, tuple)) else
-                  f"--config.{k}={v}")
-  return "python -m experiments.launch " + " ".join(shlex.quote(a) for a in args)
-
-
 def write_command(config, workdir: pathlib.Path, results: Mapping) -> None:
   from jaxsun.jobs import common  # pylint: disable=g-import-not-at-top
-  text = ["# Reproduce", "", "```", command_line(config, workdir), "```", "",
-          f"argv of this run: `{' '.join(sys.argv)}`", "",
-          f"{_wall_time(results)} on {results.get('backend')} "
-          f"({results.get('devices', [''])[0]}), jax {results.get('jax')}.", ""]
-  common.write_bytes_atomic(workdir / "COMMAND.md", "\n".join(text).encode())
+  template = _template(config.get("variant", "tiny"))
+  common.write_command(
+      workdir, common.command_line(config, workdir, "configs/fp8_inference.py", template),
+      f"{_wall_time(results)} on {results.get('backend')} "
+      f"({results.get('devices', [''])[0]}), jax {results.get('jax')}.")
 
 
 # ------------------------------------------------------------------------------- run
-
-
-def load_previous(path: pathlib.Path, ident: Mapping) -> dict:
-  """The finished recipes of an earlier results.json with the same identity ({} else)."""
-  if not path.exists():
-    return {}
-  try:
-    prev = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError):
-    return {}
-  if prev.get("identity") != json.loads(json.dumps(ident)):
-    print("fp8_inference: results.json was written with other settings: starting over",
-          flush=True)
-    return {}
-  return prev
 
 
 def run(config, workdir: str | os.PathLike) -> dict:
@@ -638,7 +596,7 @@ def run(config, workdir: str | os.PathLike) -> dict:
   tokenizer = data_lib.get_tokenizer(ptq.tokenizer_name(config))
   ident = identity(config)
   path = workdir / "results.json"
-  prev = load_previous(path, ident)
+  prev = common.load_previous(path, ident, "fp8_inference")
   model, base_summary = ptq.base_model(config, workdir, tokenizer)
   ec = config.eval
   streams = {k: windows_of(v, ec.seq_len) for k, v in ptq.eval_streams(config, tokenizer).items()}

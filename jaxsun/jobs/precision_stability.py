@@ -23,10 +23,8 @@ import json
 import math
 import os
 import pathlib
-import shlex
-import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -462,35 +460,6 @@ def identity(config) -> dict:
   return json.loads(json.dumps({k: d[k] for k in keep if k in d}))
 
 
-def command_line(config, workdir) -> str:
-  from configs import precision_stability as ps_config  # pylint: disable=g-import-not-at-top
-  from jaxsun.jobs import common, ptq  # pylint: disable=g-import-not-at-top
-  variant = config.get("variant", "tiny")
-  base = ptq._flatten(common.to_dict(ps_config.get_config(variant)))  # pylint: disable=protected-access
-  ours = ptq._flatten(common.to_dict(config))  # pylint: disable=protected-access
-  args = [f"--config={VARIANT_CONFIG}:{variant}", f"--workdir={workdir}"]
-  for k, v in ours.items():
-    if base.get(k, object()) != v:
-      v = tuple(v) if isinstance(v, list) else v
-      args.append(f"--config.{k}={v!r}" if isinstance(v, (str, tuple)) else
-                  f"--config.{k}={v}")
-  return "python -m experiments.launch " + " ".join(shlex.quote(a) for a in args)
-
-
-def _load_previous(path: pathlib.Path, ident: Mapping) -> dict:
-  if not path.exists():
-    return {}
-  try:
-    prev = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError):
-    return {}
-  if prev.get("identity") != ident:
-    print("precision_stability: results.json has other settings: starting over",
-          flush=True)
-    return {}
-  return prev
-
-
 def run(config, workdir: str | os.PathLike) -> dict:
   """Runs the study; returns (and writes) results.json's contents."""
   from jaxsun.jobs import common  # pylint: disable=g-import-not-at-top
@@ -501,7 +470,7 @@ def run(config, workdir: str | os.PathLike) -> dict:
   model_cfg = common.model_config(config.model, data.vocab_size, "precision_stability")
   ident = identity(config)
   path = workdir / "results.json"
-  prev = _load_previous(path, ident)
+  prev = common.load_previous(path, ident, "precision_stability")
   raw = dict(prev.get("raw", {}))  # "fmt@lr" (absolute lr) -> train_cell output
   results = {"job": "precision_stability", "variant": config.get("variant", ""),
              "config": common.to_dict(config), "identity": ident,
@@ -551,10 +520,11 @@ def run(config, workdir: str | os.PathLike) -> dict:
   plot_heatmap(results, workdir / "heatmap.png")
   plot_series(results, workdir / "sharpness.png", "sharpness", "last-token sharpness phi")
   plot_series(results, workdir / "loss_curves.png", "loss", "training loss")
-  common.write_bytes_atomic(workdir / "COMMAND.md", "\n".join([
-      "# Reproduce", "", "```", command_line(config, workdir), "```", "",
-      f"argv of this run: `{' '.join(sys.argv)}`", "",
+  from configs import precision_stability as ps_config  # pylint: disable=g-import-not-at-top
+  common.write_command(
+      workdir, common.command_line(config, workdir, VARIANT_CONFIG,
+                                   ps_config.get_config(config.get("variant", "tiny"))),
       f"{results['wall_time_s']:.0f} s on {results['backend']} ({results['devices'][0]}), "
-      f"jax {results['jax']}.", ""]).encode())
+      f"jax {results['jax']}.")
   print(markdown_report(results), flush=True)
   return results

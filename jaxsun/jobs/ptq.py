@@ -15,14 +15,11 @@ Every step is an importable function (the notebook colab/ptq.ipynb uses them).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pathlib
-import shlex
-import sys
 import time
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -603,56 +600,17 @@ def make_plot(results: Mapping, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def command_line(config, workdir) -> str:
-  """The launch command reproducing `config` (its variant plus --config.* overrides)."""
+def write_command(config, workdir: pathlib.Path, results: Mapping) -> None:
   from configs import ptq as ptq_config  # pylint: disable=g-import-not-at-top
   from jaxsun.jobs import common  # pylint: disable=g-import-not-at-top
-  variant = config.get("variant", "tiny")
-  base = _flatten(common.to_dict(ptq_config.get_config(variant)))
-  ours = _flatten(common.to_dict(config))
-  args = [f"--config=configs/ptq.py:{variant}", f"--workdir={workdir}"]
-  for k, v in ours.items():
-    if base.get(k, object()) != v:
-      v = tuple(v) if isinstance(v, list) else v
-      args.append(f"--config.{k}={v!r}" if isinstance(v, (str, tuple)) else
-                  f"--config.{k}={v}")
-  return "python -m experiments.launch " + " ".join(shlex.quote(a) for a in args)
-
-
-def _flatten(d: Mapping, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def write_command(config, workdir: pathlib.Path, results: Mapping) -> None:
-  from jaxsun.jobs import common  # pylint: disable=g-import-not-at-top
-  text = ["# Reproduce", "", "```", command_line(config, workdir), "```", "",
-          f"argv of this run: `{' '.join(sys.argv)}`", "",
-          f"{_wall_time(results)} on {results.get('backend')} "
-          f"({results.get('devices', [''])[0]}), jax {results.get('jax')}.", ""]
-  common.write_bytes_atomic(workdir / "COMMAND.md", "\n".join(text).encode())
+  template = ptq_config.get_config(config.get("variant", "tiny"))
+  common.write_command(
+      workdir, common.command_line(config, workdir, "configs/ptq.py", template),
+      f"{_wall_time(results)} on {results.get('backend')} "
+      f"({results.get('devices', [''])[0]}), jax {results.get('jax')}.")
 
 
 # ------------------------------------------------------------------------------- run
-
-
-def load_previous(path: pathlib.Path, ident: Mapping) -> dict:
-  """The finished runs of an earlier results.json with the same identity ({} otherwise)."""
-  if not path.exists():
-    return {}
-  try:
-    prev = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError):
-    return {}
-  if prev.get("identity") != json.loads(json.dumps(ident)):
-    print("ptq: results.json was written with other settings: starting over", flush=True)
-    return {}
-  return prev
 
 
 def run(config, workdir: str | os.PathLike) -> dict:
@@ -665,7 +623,7 @@ def run(config, workdir: str | os.PathLike) -> dict:
   tokenizer = data_lib.get_tokenizer(tokenizer_name(config))
   ident = identity(config)
   path = workdir / "results.json"
-  prev = load_previous(path, ident)
+  prev = common.load_previous(path, ident, "ptq")
   model, base_summary = base_model(config, workdir, tokenizer)
   streams = eval_streams(config, tokenizer)
   ec = config.eval
