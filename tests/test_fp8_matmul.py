@@ -2,6 +2,7 @@
 unchanged on a GPU), the accumulation model, cross-lowering and bad inputs."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -95,22 +96,28 @@ class Fp8MatmulTest:
     assert out.shape == (m, 200)
     assert _rel(out, fm.fp8_matmul_reference(qa, sa, qb, sb, bias)) < 1e-5
 
-  @pytest.mark.parametrize("m,want", [(3, "pallas"), (256, "mosaic")])
-  def test_auto_on_a_hopper_runs_its_choice(self, monkeypatch, m, want):
-    # auto with an H200 stood in for (interpreted here; the real device on a GPU run).
+  @pytest.mark.parametrize("m,thin,want", [(3, False, "xla"), (3, True, "mosaic"),
+                                            (256, False, "mosaic")])
+  def test_auto_on_a_hopper_runs_its_choice(self, monkeypatch, m, thin, want):
+    # auto with an H200 stood in for (interpreted here; the real device on a GPU run),
+    # with and without the Mosaic kernel's thin configuration.
+    from pallas_kernels.fp8_matmul import mosaic  # pylint: disable=g-import-not-at-top
     qa, sa, qb, sb, bias = _operands("e4m3", "row", m=m, k=256, n=128, seed=m)
     monkeypatch.setattr(kernel_module, "_platform_and_kind",
                         lambda: ("gpu", "NVIDIA H200"))
+    monkeypatch.setattr(kernel_module, "_mosaic_features", lambda: (thin, False))
     ran = []
-    for name in ("fp8_matmul_pallas", "fp8_matmul_xla"):
-      real = getattr(kernel_module, name)
-      monkeypatch.setattr(kernel_module, name,
-                          functools.partial(lambda real, name, *a, **k: ran.append(name)
-                                            or real(*a, **k), real, name))
+    for module, name, label in ((kernel_module, "fp8_matmul_pallas", "pallas_triton"),
+                                (kernel_module, "fp8_matmul_xla", "xla"),
+                                (mosaic, "fp8_matmul_mosaic", "mosaic")):
+      real = getattr(module, name)
+      monkeypatch.setattr(module, name,
+                          functools.partial(lambda real, label, *a, **k: ran.append(label)
+                                            or real(*a, **k), real, label))
     out = fm.fp8_matmul(qa, sa, qb, sb, bias,
-                        interpret=plgpu.InterpretGPUParams() if self.INTERPRET and m > 3
+                        interpret=plgpu.InterpretGPUParams() if self.INTERPRET
                         else self.INTERPRET)
-    assert ran == (["fp8_matmul_pallas"] if want == "pallas" else [])
+    assert ran == [want]
     assert _rel(out, fm.fp8_matmul_reference(qa, sa, qb, sb, bias)) < 1e-5
 
 
@@ -183,25 +190,75 @@ H100, H200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
 
 
 @pytest.mark.parametrize("kind", [H100, H200])
-@pytest.mark.parametrize("m,want", [(1, "pallas"), (3, "pallas"), (130, "pallas"),
-                                    (256, "mosaic"), (4000, "mosaic")])
-def test_auto_choice_on_hopper(kind, m, want):
-  # Decode batches never reach the Mosaic kernel (it would pad them to 128 rows).
+@pytest.mark.parametrize("m,want,want_thin", [
+    (1, "xla", "mosaic"), (3, "xla", "mosaic"), (16, "xla", "mosaic"),
+    (127, "xla", "mosaic"), (128, "mosaic", "mosaic"), (130, "xla", "xla"),
+    (256, "mosaic", "mosaic"), (4000, "mosaic", "mosaic"), (8192, "mosaic", "mosaic")])
+def test_auto_choice_on_hopper(kind, m, want, want_thin):
+  # Without the thin configuration decode batches go to cuBLASLt (the Mosaic kernel
+  # would pad them to 128 rows); M = 130 would pad to 256. The Triton kernel never runs.
   for mode in ("tensor", "rowcol"):
-    assert fm.choose_backend("gpu", kind, m, 4096, 4096, mode) == want, mode
+    assert fm.choose_backend("gpu", kind, m, 8192, 8192, mode) == want, mode
+    assert fm.choose_backend("gpu", kind, m, 8192, 8192, mode, mosaic_thin=True,
+                             mosaic_block=True) == want_thin, mode
 
 
 def test_auto_choice_otherwise():
   choose = fm.choose_backend
-  assert choose("gpu", H100, 256, 4096, 4096, "block") == "pallas"
-  assert choose("gpu", H100, 256, 4096, 200, "rowcol") == "pallas"  # N % 128
-  assert choose("gpu", H100, 256, 1400, 4096, "rowcol") == "pallas"  # K % 128
-  assert choose("gpu", H100, 256, 4096, 4096, "rowcol", accumulation_model=True) == "pallas"
+  # Block scales: Mosaic where it takes them, else the Triton fallback.
+  assert choose("gpu", H100, 256, 4096, 4096, "block") == "pallas_triton"
+  assert choose("gpu", H100, 256, 4096, 4096, "block", mosaic_block=True) == "mosaic"
+  assert choose("gpu", H100, 16, 4096, 4096, "block", mosaic_block=True) == "pallas_triton"
+  assert choose("gpu", H100, 16, 4096, 4096, "block", mosaic_block=True,
+                mosaic_thin=True) == "mosaic"
+  assert choose("gpu", H100, 256, 4096, 200, "rowcol") == "xla"  # N % 128
+  assert choose("gpu", H100, 256, 1400, 4096, "rowcol") == "xla"  # K % 128
+  assert choose("gpu", H100, 256, 4096, 4096, "rowcol",
+                accumulation_model=True) == "pallas_triton"
   assert choose("gpu", H100, 256, 4096, 4096, "rowcol", same_fp8_type=False) == "xla"
-  assert choose("gpu", "NVIDIA A100-SXM4-80GB", 256, 4096, 4096, "rowcol") == "pallas"
+  assert choose("gpu", "NVIDIA A100-SXM4-80GB", 256, 4096, 4096, "rowcol") == "xla"
+  assert choose("gpu", "NVIDIA A100-SXM4-80GB", 256, 4096, 4096, "block") == "pallas_triton"
   assert choose("tpu", "", 256, 4096, 4096, "rowcol") == "pallas"
   assert choose("cpu", "", 256, 4096, 4096, "rowcol") == "xla"
+  assert choose("cpu", "", 256, 4096, 4096, "block", mosaic_block=True) == "xla"
   assert choose("cpu", "", 256, 4096, 4096, "rowcol", interpret=True) == "pallas"
+
+
+def test_auto_never_picks_a_kernel_that_cannot_take_the_call():
+  # A grid of (platform, device, shape, scales, options): the pick always passes
+  # `backend_takes`, the Triton kernel only for block scales or the accumulation model,
+  # and every backend named in AUTO_TABLE is a real one.
+  assert {b for _, _, b in fm.AUTO_TABLE} <= set(fm.BACKENDS) - {"auto"}
+  devices = [("gpu", H100), ("gpu", H200), ("gpu", "NVIDIA A100-SXM4-80GB"), ("tpu", ""),
+             ("cpu", "")]
+  picked = set()
+  for platform, kind in devices:
+    for m in (1, 3, 16, 64, 127, 128, 130, 256, 4000, 8192):
+      for k, n, modes in ((8192, 8192, ("tensor", "rowcol", "block")),
+                          (1408, 256, ("tensor", "rowcol", "block")),
+                          (1400, 200, ("tensor", "rowcol"))):
+        for mode in modes:
+          for same, acc, interp, thin, block in itertools.product((True, False),
+                                                                  repeat=5):
+            q = fm.AutoQuery(platform, kind, m, k, n, mode, same, acc, interp, thin,
+                             block)
+            if acc and not (same and (platform != "cpu" or interp)):
+              continue  # only the Pallas kernel models accumulation; no such call runs
+            got = fm.choose_backend(platform, kind, m, k, n, mode, same_fp8_type=same,
+                                    accumulation_model=acc, interpret=interp,
+                                    mosaic_thin=thin, mosaic_block=block)
+            picked.add(got)
+            assert fm.backend_takes(got, q), q
+            if got == "pallas_triton":  # the fallback: only what Mosaic and XLA lack
+              assert platform == "gpu" and (acc or mode == "block"), q
+  assert picked == {"xla", "mosaic", "pallas_triton", "pallas"}
+
+
+def test_pallas_triton_is_the_pallas_kernel():
+  qa, sa, qb, sb, bias = _operands("e4m3", "row", m=8, k=256, n=128)
+  a = fm.fp8_matmul(qa, sa, qb, sb, bias, backend="pallas_triton", interpret=True)
+  b = fm.fp8_matmul(qa, sa, qb, sb, bias, backend="pallas", interpret=True)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("backend", ["auto", "pallas", "mosaic", "xla"])

@@ -7,10 +7,12 @@
 Depends on jax only. Quantizing (formats, scales) is `jaxsun.quant.fp8`.
 """
 
-from pallas_kernels.fp8_matmul.kernel import (BACKENDS, FP8_DTYPES, Tiles, check_bias,
+from pallas_kernels.fp8_matmul.kernel import (AUTO_TABLE, BACKENDS, FP8_DTYPES, AutoQuery,
+                                              Tiles, backend_takes, check_bias,
                                               choose_backend, fp8_matmul,
                                               fp8_matmul_pallas, fp8_matmul_reference,
                                               fp8_matmul_xla, scale_mode)
 
-__all__ = ["BACKENDS", "FP8_DTYPES", "Tiles", "check_bias", "choose_backend", "fp8_matmul",
+__all__ = ["AUTO_TABLE", "AutoQuery", "BACKENDS", "FP8_DTYPES", "Tiles", "backend_takes",
+           "check_bias", "choose_backend", "fp8_matmul",
            "fp8_matmul_pallas", "fp8_matmul_reference", "fp8_matmul_xla", "scale_mode"]

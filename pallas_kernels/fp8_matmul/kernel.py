@@ -20,12 +20,16 @@ mantissa bits after every step. Together they model hardware whose FP8 tensor co
 accumulate with fewer bits than float32 (Hopper's is reported at about 14) and the
 "promote to CUDA cores every N steps" remedy; the defaults (None) accumulate in float32.
 
-Backends: "pallas" (`pl.pallas_call`: Triton on GPU, also the TPU form), "mosaic"
-(`mosaic.py`: the Hopper TMA + wgmma kernel), "xla" (`jnp.dot` on f8 operands, which XLA
-lowers to cuBLASLt FP8 on Hopper), "auto" (`choose_backend`). Every backend takes any M,
-N and K the scales allow (block scales: K, N multiples of 128): the kernels pad to their
-tiles inside and slice the result. `fp8_matmul_reference` computes the same in float32
-at the highest precision.
+Backends (`BACKENDS`): "mosaic" (`mosaic.py`: the Hopper TMA + wgmma kernel on Mosaic
+GPU, the primary GPU kernel), "xla" (`jnp.dot` on f8 operands, which XLA lowers to
+cuBLASLt FP8 on Hopper), "pallas_triton" (the `pl.pallas_call` kernel lowered by Triton:
+a fallback kept for what Mosaic does not take, block scales and the accumulation model;
+jax 0.11 deprecates Pallas' Triton backend, "migrate to the Mosaic GPU backend"),
+"pallas" (the same `pl.pallas_call` kernel under its old name: Mosaic TPU on TPU, the
+interpreter with `interpret`, Triton on GPU), and "auto" (`choose_backend`, the table
+`AUTO_TABLE`). Every backend takes any M, N and K the scales allow (block scales: K, N
+multiples of 128): the kernels pad to their tiles inside and slice the result.
+`fp8_matmul_reference` computes the same in float32 at the highest precision.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _util
 
 FP8_DTYPES = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))
-BACKENDS = ("auto", "pallas", "mosaic", "xla")
+BACKENDS = ("auto", "mosaic", "xla", "pallas_triton", "pallas")
 SCALE_BLOCK = 128
 HIGHEST = lax.Precision.HIGHEST
 
@@ -246,30 +250,11 @@ HOPPER_KINDS = ("H100", "H200")
 MOSAIC_TILE = 128  # the Mosaic kernel's M, N and K tile (`mosaic.MosaicTiles` defaults)
 
 
-def choose_backend(platform: str, device_kind: str, m: int, k: int, n: int, mode: str, *,
-                   same_fp8_type: bool = True, accumulation_model: bool = False,
-                   interpret=False) -> str:
-  """The backend `fp8_matmul(backend="auto")` runs (pure: testable off device).
+@dataclasses.dataclass(frozen=True)
+class AutoQuery:
+  """What `choose_backend` decides on (pure data: testable off device).
 
-  All backends take any shape their scales allow (the kernels pad inside), so the
-  choice is about cost and features. "mosaic" is picked only where it needs no
-  weight padding and little row padding; decode batches (M = 1, 3, ...) would pad to
-  128 rows, so they go to the Triton kernel (pads M to 16):
-
-    platform, device      scales and options               shape                  backend
-    cpu, not interpret    any                              any                    xla
-    any other             qa, qb of different fp8 types    any                    xla
-    gpu H100 / H200       tensor or row/column scales, no  N % 128 == K % 128 == 0 mosaic
-                          promote_every / acc bits         and padding M to 128
-                                                           adds <= M / 8 rows
-    gpu H100 / H200       otherwise                        any                    pallas
-    other gpu, tpu,       any                              any                    pallas
-    cpu + interpret
-
-  E.g. on an H100 with row scales, N = K = 4096: M = 1, 3, 130 -> pallas; M = 256,
-  4000 -> mosaic.
-
-  Args:
+  Attributes:
     platform: `jax.default_backend()`: "cpu", "gpu" or "tpu".
     device_kind: `jax.devices()[0].device_kind`, e.g. "NVIDIA H100 80GB HBM3".
     m, k, n: qa is [m, k], qb [k, n].
@@ -278,17 +263,125 @@ def choose_backend(platform: str, device_kind: str, m: int, k: int, n: int, mode
     accumulation_model: whether `promote_every` or `acc_mantissa_bits` is set (only the
       Pallas kernel models them).
     interpret: whether the kernels run in interpret mode.
+    mosaic_thin: whether the Mosaic kernel has its thin-GEMM (M < 128) configuration;
+      without it a small M would be padded to 128 rows.
+    mosaic_block: whether the Mosaic kernel takes block scales.
   """
-  if platform == "cpu" and not interpret:
-    return "xla"
-  if not same_fp8_type:
-    return "xla"  # Triton and wgmma take one fp8 type; XLA converts
-  row_padding = _util.round_up(m, MOSAIC_TILE) - m
-  if (platform == "gpu" and any(h in device_kind for h in HOPPER_KINDS)
-      and mode != "block" and not accumulation_model
-      and n % MOSAIC_TILE == 0 and k % MOSAIC_TILE == 0 and 8 * row_padding <= m):
-    return "mosaic"
-  return "pallas"
+
+  platform: str
+  device_kind: str
+  m: int
+  k: int
+  n: int
+  mode: str
+  same_fp8_type: bool = True
+  accumulation_model: bool = False
+  interpret: bool = False
+  mosaic_thin: bool = False
+  mosaic_block: bool = False
+
+  @property
+  def hopper(self) -> bool:
+    return self.platform == "gpu" and any(h in self.device_kind for h in HOPPER_KINDS)
+
+  @property
+  def row_padding(self) -> int:
+    """Rows the 128-row Mosaic tile would add to M."""
+    return _util.round_up(self.m, MOSAIC_TILE) - self.m
+
+
+def backend_takes(backend: str, q: AutoQuery) -> bool:
+  """Whether `backend` can run the call `q` describes (any shape: every kernel pads).
+
+  Mosaic GPU needs a Hopper GPU, tensor or row/column scales (block scales where
+  `mosaic_block`), one fp8 type and no accumulation model; the Pallas kernel needs one
+  fp8 type and a GPU, a TPU or the interpreter (its Triton form a GPU); XLA takes
+  everything but the accumulation model.
+  """
+  if backend == "xla":
+    return not q.accumulation_model
+  if backend == "mosaic":
+    return (q.hopper and (q.mode != "block" or q.mosaic_block) and q.same_fp8_type
+            and not q.accumulation_model)
+  if backend == "pallas_triton":
+    return q.same_fp8_type and (q.platform == "gpu" or q.interpret)
+  if backend == "pallas":
+    return q.same_fp8_type and (q.platform in ("gpu", "tpu") or q.interpret)
+  raise ValueError(f"backend={backend!r} is not one of {BACKENDS[1:]}")
+
+
+def _mosaic_fits(q: AutoQuery) -> bool:
+  """Hopper, scales Mosaic takes, one fp8 type, 128-aligned K and N (no weight padding)."""
+  return (q.hopper and (q.mode != "block" or q.mosaic_block)
+          and not q.k % MOSAIC_TILE and not q.n % MOSAIC_TILE)
+
+
+# `fp8_matmul(backend="auto")`: the first row whose test holds picks the backend.
+AUTO_TABLE = (
+    ("cpu, not interpret", lambda q: q.platform == "cpu" and not q.interpret, "xla"),
+    ("qa, qb of different fp8 types", lambda q: not q.same_fp8_type, "xla"),
+    ("gpu, an accumulation model (promote_every / acc_mantissa_bits)",
+     lambda q: q.platform == "gpu" and q.accumulation_model, "pallas_triton"),
+    ("H100/H200, K, N % 128 == 0, M >= 128 and padding M to 128 adds <= M/8 rows",
+     lambda q: _mosaic_fits(q) and q.m >= MOSAIC_TILE and 8 * q.row_padding <= q.m,
+     "mosaic"),
+    ("H100/H200, K, N % 128 == 0, M < 128 and Mosaic's thin configuration",
+     lambda q: _mosaic_fits(q) and q.m < MOSAIC_TILE and q.mosaic_thin, "mosaic"),
+    ("gpu, block scales that no Mosaic configuration above takes",
+     lambda q: q.platform == "gpu" and q.mode == "block", "pallas_triton"),
+    ("H100/H200 otherwise (M < 128 without the thin configuration, M = 130, K or N "
+     "not a multiple of 128)", lambda q: q.hopper, "xla"),
+    ("other gpu (no Hopper wgmma / TMA)", lambda q: q.platform == "gpu", "xla"),
+    ("tpu, cpu + interpret", lambda q: True, "pallas"),
+)
+
+
+def choose_backend(platform: str, device_kind: str, m: int, k: int, n: int, mode: str, *,
+                   same_fp8_type: bool = True, accumulation_model: bool = False,
+                   interpret=False, mosaic_thin: bool = False,
+                   mosaic_block: bool = False) -> str:
+  """The backend `fp8_matmul(backend="auto")` runs (pure: testable off device).
+
+  All backends take any shape their scales allow (the kernels pad inside), so the
+  choice is about cost and features. Mosaic GPU and XLA (cuBLASLt) are the GPU paths;
+  the Triton kernel only runs what neither takes. The rows of `AUTO_TABLE`, first match:
+
+    platform, device   scales, types, options         shape                    backend
+    cpu, no interpret  any                            any                      xla
+    any                qa, qb of different fp8 types  any                      xla
+    gpu                promote_every, acc_mantissa_bits any                    pallas_triton
+    gpu H100 / H200    tensor, row/column (block      K, N % 128 == 0, M >= 128 mosaic
+                       where `mosaic_block`)          and padding M to 128 adds
+                                                      <= M / 8 rows
+    gpu H100 / H200    as above                       K, N % 128 == 0, M < 128, mosaic
+                                                      `mosaic_thin`
+    gpu                block scales not taken above   any                      pallas_triton
+    gpu H100 / H200    otherwise                      M < 128 without the thin xla
+                                                      config, M = 130, K or N
+                                                      not 128-aligned
+    other gpu          tensor or row/column scales    any                      xla
+    tpu, cpu+interpret any                            any                      pallas
+
+  E.g. on an H100 with row scales, N = K = 8192: M = 8192 or 4000 -> mosaic; M = 16 ->
+  mosaic with the thin configuration, else xla (cuBLASLt FP8); M = 130 -> xla. The pick
+  always satisfies `backend_takes` (tests walk a grid of calls to check it).
+
+  Args:
+    platform, device_kind, m, k, n, mode, same_fp8_type, accumulation_model, interpret,
+      mosaic_thin, mosaic_block: see `AutoQuery`.
+  """
+  q = AutoQuery(platform, device_kind, m, k, n, mode, same_fp8_type, accumulation_model,
+                bool(interpret), mosaic_thin, mosaic_block)
+  return next(backend for _, test, backend in AUTO_TABLE if test(q))
+
+
+def _mosaic_features() -> tuple[bool, bool]:
+  """(thin configuration, block scales) of `mosaic.py`: its `HAS_THIN_CONFIG` and
+  `TAKES_BLOCK_SCALES` where set, else whether it has `ThinTiles` / `prepare_weight`."""
+  from pallas_kernels.fp8_matmul import mosaic  # pylint: disable=import-outside-toplevel
+  thin = getattr(mosaic, "HAS_THIN_CONFIG", hasattr(mosaic, "ThinTiles"))
+  block = getattr(mosaic, "TAKES_BLOCK_SCALES", hasattr(mosaic, "prepare_weight"))
+  return bool(thin), bool(block)
 
 
 def _platform_and_kind() -> tuple[str, str]:
@@ -308,11 +401,14 @@ def fp8_matmul(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32, backend: str
     sa, sb: scales (shapes select tensor / row-column / block scaling).
     bias: optional f[N]; any other shape is a ValueError naming `bias`.
     out_dtype: float32 or bfloat16.
-    backend: "pallas", "mosaic" (Hopper; K-major B is made here), "xla", or "auto"
-      (the table in `choose_backend`: "mosaic" on a Hopper GPU for tensor/row-column
-      scales at 128-aligned N, K and large M, else "pallas" on GPU and TPU, "xla" on
-      CPU unless `interpret`). Every backend takes any M (1, 3, 130, ...), N and K the
-      scales allow: the kernels pad to their tiles inside and slice the result.
+    backend: "mosaic" (Hopper, Mosaic GPU), "xla" (cuBLASLt FP8 on Hopper),
+      "pallas_triton" (the deprecated Triton lowering: fallback only), "pallas" (the
+      `pl.pallas_call` kernel on TPU or in interpret mode), or "auto" (the table in
+      `choose_backend`: "mosaic" on an H100/H200 for tensor/row-column scales at
+      128-aligned N, K and M >= 128 (M < 128 with its thin configuration), else "xla";
+      "pallas_triton" on GPU only for block scales and the accumulation model; "pallas"
+      on TPU; "xla" on CPU unless `interpret`). Every backend takes any M (1, 3, 130,
+      ...), N and K the scales allow: the kernels pad to their tiles and slice.
     tiles: Pallas tiling knobs.
     promote_every, acc_mantissa_bits: accumulation model (Pallas backend).
     poison: for tests: the Pallas kernel's output buffer starts filled with it.
@@ -323,11 +419,12 @@ def fp8_matmul(qa, sa, qb, sb, bias=None, *, out_dtype=jnp.float32, backend: str
   mode = _check_operands(qa, sa, qb, sb, bias)  # before any kernel is traced
   if backend == "auto":
     platform, kind = _platform_and_kind()
+    thin, block = _mosaic_features() if platform == "gpu" else (False, False)
     backend = choose_backend(
         platform, kind, qa.shape[0], qa.shape[1], qb.shape[1], mode,
         same_fp8_type=qa.dtype == qb.dtype,
         accumulation_model=promote_every is not None or acc_mantissa_bits is not None,
-        interpret=interpret)
+        interpret=interpret, mosaic_thin=thin, mosaic_block=block)
   if backend == "xla":
     return fp8_matmul_xla(qa, sa, qb, sb, bias, out_dtype=out_dtype)
   if backend == "mosaic":
