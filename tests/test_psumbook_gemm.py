@@ -2,6 +2,7 @@
 the references (interpret mode on CPU, unchanged on a GPU), cross-lowering, bad inputs."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -208,23 +209,59 @@ def test_tiles_fit_adjusts_instead_of_rejecting():
   assert pg.Tiles().fit(m1v4g128, 1, 4096, 14336) == pg.Tiles(block_b=1)  # unchanged
 
 
-@pytest.mark.parametrize("batch,want", [(1, "gather"), (3, "gather"), (16, "gather"),
-                                        (17, "dequant"), (130, "dequant"),
-                                        (256, "dequant")])
-def test_auto_choice_on_an_h100(batch, want):
-  fmt = pg.CodebookFormat.parse("m1v4g128")
+@pytest.mark.parametrize("batch,want,want_ffi", [
+    (1, "gather_triton", "ffi"), (3, "gather_triton", "ffi"), (16, "gather_triton", "ffi"),
+    (17, "dequant_triton", "dequant_triton"), (130, "dequant_triton", "dequant_triton"),
+    (256, "dequant_triton", "dequant_triton")])
+def test_auto_choice_on_an_h100(batch, want, want_ffi):
+  # The CUDA GEMV takes decode batches where it is built; the Triton kernels otherwise.
+  fmt = pg.CodebookFormat.parse("m1v4g128")  # 2.125 bits per weight
   assert pg.choose_backend("gpu", batch, fmt) == want
+  assert pg.choose_backend("gpu", batch, fmt, ffi=True) == want_ffi
 
 
 def test_auto_choice_by_platform_and_format():
   fmt = pg.CodebookFormat.parse("m2v8g128")
   odd = pg.CodebookFormat(m=3, v=16, g=32)  # no lookup kernel implements it
+  no_ffi = pg.CodebookFormat(m=1, v=4, g=16)  # g not a multiple of the GEMV's 32
   assert [pg.choose_backend("tpu", b, fmt) for b in (3, 130)] == ["onehot", "xla_dequant"]
   assert [pg.choose_backend("cpu", b, fmt) for b in (3, 130)] == ["xla", "xla_dequant"]
-  assert pg.choose_backend("cpu", 3, fmt, interpret=True) == "gather"
-  assert pg.choose_backend("gpu", 3, odd) == "dequant"
+  assert pg.choose_backend("cpu", 3, fmt, ffi=True) == "xla"
+  assert pg.choose_backend("cpu", 3, fmt, interpret=True) == "gather_triton"
+  assert pg.choose_backend("gpu", 3, odd) == "dequant_triton"
+  assert pg.choose_backend("gpu", 3, odd, ffi=True) == "ffi"  # b=8, v | 32, 32 | g
+  assert pg.choose_backend("gpu", 3, no_ffi, ffi=True) == "gather_triton"
   assert pg.choose_backend("tpu", 3, odd) == "xla"
-  assert pg.choose_backend("gpu", 8, fmt, max_lookup_batch=4) == "dequant"
+  assert pg.choose_backend("gpu", 8, fmt, max_lookup_batch=4) == "dequant_triton"
+  assert pg.choose_backend("gpu", 8, fmt, max_lookup_batch=4, ffi=True) == "dequant_triton"
+
+
+def test_auto_never_picks_a_kernel_that_cannot_take_the_call():
+  assert {b for _, _, b in kernel_module.AUTO_TABLE} <= set(pg.BACKENDS) - {"auto"}
+  formats = [pg.CodebookFormat.parse(n) for n in ("m1v4g128", "m2v8g128", "m1v4g32")]
+  formats += [pg.CodebookFormat(m=3, v=16, g=32), pg.CodebookFormat(m=1, v=4, g=16),
+              pg.CodebookFormat(m=1, b=4, v=4, g=128)]
+  picked = set()
+  for platform in ("gpu", "tpu", "cpu"):
+    for fmt in formats:
+      for batch in (1, 3, 16, 17, 130):
+        for interp, ffi in itertools.product((False, True), repeat=2):
+          q = kernel_module.AutoQuery(platform, batch, fmt, 16, interp, ffi)
+          got = pg.choose_backend(platform, batch, fmt, interpret=interp, ffi=ffi)
+          picked.add(got)
+          assert kernel_module.backend_takes(got, q), (got, q)
+          if got.endswith("_triton"):  # the fallbacks: no CUDA GEMV for the call
+            assert platform in ("gpu", "cpu") and not (
+                platform == "gpu" and batch <= 16 and kernel_module.backend_takes("ffi", q))
+  assert picked == {"ffi", "gather_triton", "dequant_triton", "onehot", "xla", "xla_dequant"}
+
+
+def test_old_backend_names_are_aliases():
+  _, w, x = _problem("m1v4g128", b=2, k=256, n=128)
+  for old, new in kernel_module.BACKEND_ALIASES.items():
+    a = pg.psumbook_matmul(x, w, backend=old, tiles=TILES, interpret=True)
+    b = pg.psumbook_matmul(x, w, backend=new, tiles=TILES, interpret=True)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_odd_shapes_lower_for_their_platforms():
@@ -246,3 +283,30 @@ def test_control_without_padding_the_odd_shape_check_fails(monkeypatch):
   out = np.asarray(pg.psumbook_matmul(x, w, backend="gather", poison=float("nan"),
                                       interpret=True))
   assert not (np.isfinite(out).all() and _rel(out, want) < 2e-5)
+
+
+def test_mosaic_gpu_still_cannot_lower_a_shared_memory_gather():
+  """Why there is no Mosaic GPU Psumbook kernel (kernel.py's docstring): a lane-varying
+  load from shared memory does not lower. When this fails, jax learned the gather: write
+  the Mosaic GPU version."""
+  from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas import mosaic_gpu as plgpu  # pylint: disable=g-import-not-at-top
+
+  def kernel(table_ref, idx_ref, o_ref):
+    def body(t_smem, i_smem, bar):
+      plgpu.copy_gmem_to_smem(table_ref, t_smem, bar.at[0])
+      plgpu.copy_gmem_to_smem(idx_ref, i_smem, bar.at[0])
+      plgpu.barrier_wait(bar.at[0])
+      o_ref[...] = t_smem[i_smem[...]]  # f32[128]: out[i] = table[idx[i]]
+    pl.run_scoped(body, plgpu.SMEM((256,), jnp.float32), plgpu.SMEM((128,), jnp.int32),
+                  plgpu.Barrier(num_arrivals=2, num_barriers=1), collective_axes="wg")
+
+  def gather(table, idx):
+    return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((128,), jnp.float32),
+                        grid=(1,), grid_names=("x",), num_threads=1,
+                        thread_name="wg")(table, idx)
+
+  table = jax.random.normal(jax.random.key(0), (256,), jnp.float32)
+  idx = jax.random.randint(jax.random.key(1), (128,), 0, 256, jnp.int32)
+  with pytest.raises(NotImplementedError, match="int_indexer_shape"):
+    lowers_for("cuda", gather, table, idx)

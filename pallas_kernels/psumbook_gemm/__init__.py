@@ -12,7 +12,8 @@ Depends on jax only.
 from pallas_kernels.psumbook_gemm.format import (BACKEND_SUPPORT, CodebookFormat,
                                                  QuantizedWeight, random_quantized,
                                                  validate)
-from pallas_kernels.psumbook_gemm.kernel import (BACKENDS, Tiles, choose_backend,
+from pallas_kernels.psumbook_gemm.kernel import (AUTO_TABLE, BACKEND_ALIASES, BACKENDS,
+                                                 Tiles, choose_backend,
                                                  dequant_matmul,
                                                  dequant_matmul_reference,
                                                  dequantize_reference, psumbook,
@@ -20,6 +21,7 @@ from pallas_kernels.psumbook_gemm.kernel import (BACKENDS, Tiles, choose_backend
 
 __all__ = [
     "BACKEND_SUPPORT", "CodebookFormat", "QuantizedWeight", "random_quantized", "validate",
-    "BACKENDS", "Tiles", "choose_backend", "dequant_matmul", "dequant_matmul_reference",
+    "AUTO_TABLE", "BACKEND_ALIASES", "BACKENDS", "Tiles", "choose_backend", "dequant_matmul",
+    "dequant_matmul_reference",
     "dequantize_reference", "psumbook", "psumbook_matmul", "psumbook_matmul_reference",
 ]

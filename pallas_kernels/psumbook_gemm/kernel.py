@@ -19,20 +19,31 @@ References in jnp float32, beside the kernels: `dequantize_reference`,
 `dequant_matmul_reference`, `psumbook_matmul_reference` (tests check them against each
 other and the kernels against them).
 
-Kernel designs (one `pl.pallas_call` each, split-K over the grid, partial sums reduced
-by a deterministic `sum` afterwards):
+Backends (`BACKENDS`; `backend="auto"` picks by `AUTO_TABLE`, see `choose_backend`). On
+GPU the primary path is `ffi` (CUDA C++); the Pallas kernels written for the Triton
+lowering stay as fallbacks under names that say so, `gather_triton` and `dequant_triton`
+(old names `gather` and `dequant` are accepted aliases): jax 0.11 deprecates Pallas'
+Triton backend ("migrate to the Mosaic GPU backend"). Pallas kernels: one
+`pl.pallas_call` each, split-K over the grid, partial sums reduced by a deterministic
+`sum` afterwards:
 
-* `gather` (GPU, Triton lowering): the Psumbook is built by XLA (one small matmul) and
-  read with vector-index loads `p_ref[:, idx]`, which the Triton lowering supports
-  (`take_along_axis` it does not). A K-tiled Psumbook kept in shared memory needs Mosaic
-  GPU or a CUDA FFI kernel; that is the GPU tuning step, measured with the benchmark.
+* `gather_triton` (GPU, Triton lowering; deprecated, fallback): the Psumbook is built
+  by XLA (one small matmul) in HBM and read with vector-index loads `p_ref[:, idx]`,
+  which the Triton lowering supports (`take_along_axis` it does not).
 * `onehot` (TPU, Mosaic TPU): the lookup as a one-hot matmul on the MXU (TPU has no
   pointer gathers), exact with `precision=HIGHEST`.
-* `dequant`: per group of g inputs, W's rows are gathered from the flattened codebooks,
-  scaled, and multiplied on the tensor cores (the prefill path and the baseline).
-* `ffi` (GPU, CUDA C++ through the XLA FFI, `cuda/psumbook_gemv.cu`): the CodeGEMM
-  design, a K-tiled Psumbook built in shared memory, 32-bit code loads, deterministic
-  split-K; see `ffi.py`.
+* `dequant_triton` (GPU, Triton lowering; deprecated, fallback): per group of g inputs,
+  W's rows are gathered from the flattened codebooks, scaled, and multiplied on the tensor cores (the prefill path and the baseline).
+* `ffi` (GPU, CUDA C++ through the XLA FFI, `cuda/psumbook_gemv.cu`; the primary GPU
+  decode path): the CodeGEMM design, a K-tiled Psumbook built in shared memory and
+  shared by the CTA's N columns, 16-byte `cp.async` code loads, split-K fused; see
+  `ffi.py`.
+
+No Mosaic GPU version: the lookup is a per-thread gather (`P[codes[n]]`, a different
+index in every lane), and jax 0.11.2's Mosaic GPU lowering rejects vector-indexed loads
+from both shared and global memory refs (`NotImplementedError: int_indexer_shape
+non-empty`; its TMA copies move rectangular tiles). `tests/test_psumbook_gemm.py` keeps
+a probe that fails once a jax release lowers such a gather, the signal to write one.
 """
 
 from __future__ import annotations
@@ -48,7 +59,10 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _util
 from pallas_kernels.psumbook_gemm.format import CodebookFormat, QuantizedWeight, validate
 
-BACKENDS = ("auto", "gather", "onehot", "dequant", "ffi", "xla", "xla_dequant")
+BACKENDS = ("auto", "ffi", "gather_triton", "dequant_triton", "onehot", "xla",
+            "xla_dequant")
+# Old names, still accepted: the Pallas kernels written for the (deprecated) Triton lowering.
+BACKEND_ALIASES = {"gather": "gather_triton", "dequant": "dequant_triton"}
 HIGHEST = lax.Precision.HIGHEST
 
 
@@ -309,42 +323,139 @@ def dequant_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = No
   return partial.sum(axis=0)[:b, :n]
 
 
-def choose_backend(platform: str, batch: int, fmt: CodebookFormat, *,
-                   max_lookup_batch: int = 16, interpret=False) -> str:
-  """The backend `psumbook_matmul(backend="auto")` runs (pure: testable off device).
+def ffi_takes(fmt: CodebookFormat) -> bool:
+  """Whether the CUDA GEMV (`ffi.py`) implements `fmt` (any B and N: `_ffi_matmul` pads N
+  and runs batches in chunks)."""
+  from pallas_kernels.psumbook_gemm import ffi  # pylint: disable=import-outside-toplevel
+  return fmt.num_centroids == 256 and ffi.TILE_K % fmt.v == 0 and fmt.g % ffi.TILE_K == 0
 
-  Every kernel pads B and N to its tiles and K is whole scale groups, so any shape the
-  format allows fits every choice; what decides is the batch and whether the platform's
-  lookup kernel implements the format (`BACKEND_SUPPORT`):
 
-    platform              B <= max_lookup_batch                B > max_lookup_batch
-    cpu, not interpret    "xla"                                "xla_dequant"
-    gpu (cpu+interpret)   "gather"; "dequant" if (m, v) not    "dequant"
-                          in BACKEND_SUPPORT["gpu"] or b != 8
-    tpu                   "onehot"; "xla" if not in            "xla_dequant" (no pointer
-                          BACKEND_SUPPORT["tpu"] or b != 8     gathers on TPU)
+@functools.cache
+def ffi_available(platform: str) -> bool:
+  """Whether the CUDA GEMV is built (or builds now) for `platform` ("gpu" only).
 
-  Args:
+  The first call on a GPU compiles the library with nvcc unless it is cached (seconds).
+  `JAXSUN_PSUMBOOK_FFI=0` turns it off for "auto"; a failed build warns and returns
+  False, so "auto" falls back to the Pallas kernels.
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  import warnings  # pylint: disable=import-outside-toplevel
+  if platform != "gpu" or os.environ.get("JAXSUN_PSUMBOOK_FFI", "1") == "0":
+    return False
+  try:
+    from pallas_kernels.psumbook_gemm import ffi  # pylint: disable=import-outside-toplevel
+    ffi.build("cuda")
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    warnings.warn(f"the CUDA Psumbook GEMV did not build ({type(e).__name__}: "
+                  f"{str(e)[:300]}); backend='auto' uses the Pallas-Triton kernels")
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoQuery:
+  """What `choose_backend` decides on (pure data: testable off device).
+
+  Attributes:
     platform: `jax.default_backend()`: "cpu", "gpu" or "tpu".
     batch: B, the rows of x.
     fmt: the weight's format.
-    max_lookup_batch: the largest batch sent to a lookup kernel.
+    max_lookup_batch: the largest batch sent to a lookup (decode) kernel.
     interpret: whether the Pallas kernels run in interpret mode.
+    ffi: whether the CUDA GEMV is built for this machine (`ffi_available`).
   """
-  if platform == "cpu" and not interpret:  # Pallas kernels need a GPU/TPU or interpret
-    return "xla" if batch <= max_lookup_batch else "xla_dequant"
-  on_tpu = platform == "tpu"
-  try:
-    fmt.check_backend("tpu" if on_tpu else "gpu")
-    lookups_take_format = True
-  except ValueError:
-    lookups_take_format = False
-  if batch <= max_lookup_batch:
-    if lookups_take_format:
-      return "onehot" if on_tpu else "gather"
-    return "xla" if on_tpu else "dequant"
-  # Prefill: dequantize on chip (GPU); TPU lets XLA dequantize (no pointer gathers there).
-  return "xla_dequant" if on_tpu else "dequant"
+
+  platform: str
+  batch: int
+  fmt: CodebookFormat
+  max_lookup_batch: int = 16
+  interpret: bool = False
+  ffi: bool = False
+
+  @property
+  def decode(self) -> bool:
+    return self.batch <= self.max_lookup_batch
+
+  def implemented(self, platform: str) -> bool:
+    """Whether the lookup kernels of "gpu" / "tpu" implement the format."""
+    try:
+      self.fmt.check_backend(platform)
+      return True
+    except ValueError:
+      return False
+
+
+def backend_takes(backend: str, q: AutoQuery) -> bool:
+  """Whether `backend` can run the call `q` describes (B, N any: the kernels pad).
+
+  "ffi" needs a built library (a GPU; its CPU twin runs when called by name) and b = 8,
+  v | 32, 32 | g; the lookup kernels need their platform's `BACKEND_SUPPORT` and a GPU
+  (Triton), a TPU (onehot; it also lowers for GPU) or the interpreter; the dequant kernel
+  takes any format on a GPU or the interpreter; the XLA paths take everything.
+  """
+  backend = BACKEND_ALIASES.get(backend, backend)
+  if backend in ("xla", "xla_dequant"):
+    return True
+  if backend == "ffi":
+    return q.ffi and ffi_takes(q.fmt)
+  if backend == "gather_triton":
+    return q.implemented("gpu") and (q.platform == "gpu" or q.interpret)
+  if backend == "onehot":
+    return q.implemented("tpu") and (q.platform in ("gpu", "tpu") or q.interpret)
+  if backend == "dequant_triton":
+    return q.platform == "gpu" or q.interpret
+  raise ValueError(f"backend={backend!r} is not one of {BACKENDS[1:]}")
+
+
+# `psumbook_matmul(backend="auto")`: the first row whose test holds picks the backend.
+AUTO_TABLE = (
+    ("cpu, not interpret, B <= max_lookup_batch",
+     lambda q: q.platform == "cpu" and not q.interpret and q.decode, "xla"),
+    ("cpu, not interpret, B > max_lookup_batch",
+     lambda q: q.platform == "cpu" and not q.interpret, "xla_dequant"),
+    ("tpu, B <= max_lookup_batch, format in BACKEND_SUPPORT['tpu']",
+     lambda q: q.platform == "tpu" and q.decode and q.implemented("tpu"), "onehot"),
+    ("tpu, B <= max_lookup_batch, other formats",
+     lambda q: q.platform == "tpu" and q.decode, "xla"),
+    ("tpu, B > max_lookup_batch (no pointer gathers on TPU)",
+     lambda q: q.platform == "tpu", "xla_dequant"),
+    ("gpu, B <= max_lookup_batch, CUDA GEMV built and takes the format",
+     lambda q: q.platform == "gpu" and q.decode and q.ffi and ffi_takes(q.fmt), "ffi"),
+    ("gpu or cpu + interpret, B <= max_lookup_batch, format in BACKEND_SUPPORT['gpu']",
+     lambda q: q.decode and q.implemented("gpu"), "gather_triton"),
+    ("gpu or cpu + interpret, otherwise (prefill, other formats)",
+     lambda q: True, "dequant_triton"),
+)
+
+
+def choose_backend(platform: str, batch: int, fmt: CodebookFormat, *,
+                   max_lookup_batch: int = 16, interpret=False, ffi: bool = False) -> str:
+  """The backend `psumbook_matmul(backend="auto")` runs (pure: testable off device).
+
+  Every kernel pads B and N to its tiles and K is whole scale groups, so any shape the
+  format allows fits every choice; what decides is the batch, whether the CUDA GEMV is
+  built, and whether the platform's lookup kernel implements the format. The rows of
+  `AUTO_TABLE`, first match (H100 / H200 and any other CUDA GPU alike):
+
+    platform            B <= max_lookup_batch (decode)          B > max_lookup_batch
+    cpu, no interpret   "xla"                                   "xla_dequant"
+    tpu                 "onehot"; "xla" if the format is not    "xla_dequant" (no
+                        in BACKEND_SUPPORT["tpu"]               pointer gathers on TPU)
+    gpu                 "ffi" if built (`ffi`) and it takes     "dequant_triton"
+                        the format (b=8, v | 32, 32 | g); else
+                        "gather_triton"; "dequant_triton" if
+                        the format is not in BACKEND_SUPPORT
+    cpu + interpret     "gather_triton" / "dequant_triton" as   "dequant_triton"
+                        on a GPU without the CUDA GEMV
+
+  E.g. on an H200 with the library built, m1v4g128 (2.125 bits): B = 1..16 -> ffi, B =
+  17, 130 -> dequant_triton. The pick always satisfies `backend_takes`.
+
+  Args:
+    platform, batch, fmt, max_lookup_batch, interpret, ffi: see `AutoQuery`.
+  """
+  q = AutoQuery(platform, batch, fmt, max_lookup_batch, bool(interpret), ffi)
+  return next(backend for _, test, backend in AUTO_TABLE if test(q))
 
 
 def _ffi_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
@@ -371,32 +482,38 @@ def psumbook_matmul(x: jax.Array, w: QuantizedWeight, *, tiles: Tiles | None = N
     x: f32/bf16[B, K] activations.
     w: the `QuantizedWeight`.
     tiles: tiling knobs (`Tiles`); `Tiles.fit` adjusts them to the problem.
-    backend: "gather" (GPU Psumbook lookups), "ffi" (the CUDA kernel with the Psumbook
-      in shared memory, `ffi.psumbook_gemv_ffi`; its CPU twin off GPU; batches over 16
-      run in chunks of 16), "onehot" (TPU Psumbook as one-hot matmuls; also lowers for
-      GPU), "dequant" (GPU: dequantize on chip, then matmul), "xla" (the jnp Psumbook
-      reference), "xla_dequant" (XLA dequantizes, then a dense dot), or "auto": see
-      `choose_backend` for the table (the platform's lookup kernel while
-      B <= `max_lookup_batch` and it implements the format, the prefill path above).
+    backend: "ffi" (the CUDA kernel with the Psumbook in shared memory,
+      `ffi.psumbook_gemv_ffi`, the primary GPU decode path; its CPU twin off GPU;
+      batches over 16 run in chunks of 16), "gather_triton" (Pallas Psumbook lookups,
+      Triton lowering: deprecated, fallback; alias "gather"), "dequant_triton" (Pallas,
+      Triton: dequantize on chip, then matmul; alias "dequant"), "onehot" (TPU Psumbook
+      as one-hot matmuls; also lowers for GPU), "xla" (the jnp Psumbook reference),
+      "xla_dequant" (XLA dequantizes, then a dense dot), or "auto": see
+      `choose_backend` for the table (the CUDA GEMV on a GPU where it is built and
+      B <= `max_lookup_batch`, else the platform's lookup kernel, the prefill path above).
     max_lookup_batch: the largest batch "auto" sends to a lookup kernel.
     poison: for tests: the kernel's output buffer starts filled with this value (e.g.
       nan), so any tile it fails to write is visible.
     interpret: run the Pallas kernels in interpret mode (True, or an interpreter's
       params object such as `pltpu.InterpretParams()`).
   """
+  backend = BACKEND_ALIASES.get(backend, backend)
   if backend not in BACKENDS:
-    raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    raise ValueError(f"backend={backend!r} is not one of {BACKENDS} (or the aliases "
+                     f"{sorted(BACKEND_ALIASES)})")
   fmt = _check_inputs(x, w)
   if backend == "auto":
-    backend = choose_backend(jax.default_backend(), x.shape[0], fmt,
-                             max_lookup_batch=max_lookup_batch, interpret=interpret)
+    platform = jax.default_backend()
+    backend = choose_backend(
+        platform, x.shape[0], fmt, max_lookup_batch=max_lookup_batch, interpret=interpret,
+        ffi=x.shape[0] <= max_lookup_batch and ffi_available(platform))
   if backend == "xla":
     return psumbook_matmul_reference(x, w)
   if backend == "xla_dequant":
     return dequant_matmul_reference(x, w)
   if backend == "ffi":
     return _ffi_matmul(x, w)
-  if backend == "dequant":
+  if backend == "dequant_triton":
     return dequant_matmul(x, w, tiles=tiles, poison=poison, interpret=interpret)
   fmt.check_backend("tpu" if backend == "onehot" else "gpu")
   b, k = x.shape
