@@ -11,7 +11,10 @@ def test_tiny_fp8_benchmark_writes_json_and_markdown(tmp_path):
   assert on_disk["cases"] == json.loads(json.dumps(result["cases"]))
   assert len(result["cases"]) == len(bench.TINY_SHAPES)
   for case in result["cases"]:
-    assert {"pallas", "xla_fp8", "xla_bf16"} <= set(case["methods"])
+    assert {"pallas_triton", "xla_fp8", "xla_bf16"} <= set(case["methods"])
+    for name, v in case["methods"].items():  # the cost model beside every figure
+      want = 2 * case["M"] * case["K"] * case["N"]
+      assert v["cost"]["flops"] == want and v["cost"]["bytes"] > 0, name
     t = {k: v["us"] for k, v in case["methods"].items()}
     assert case["speedup_vs_xla_fp8"] == t["xla_fp8"] / t[case["best_ours"]]
   acc = result["accuracy"]

@@ -22,5 +22,8 @@ def test_tiny_benchmark_writes_json_and_markdown(tmp_path):
     assert best == min(ms["psumbook"]["us"], ms["psumbook_ffi"]["us"])
     assert case["speedup_vs_dequant"] == ms["dequant"]["us"] / best
     assert ms["psumbook"]["bytes"] < ms["xla_bf16"]["bytes"]  # ~2 bits vs 16 per weight
+    for v in ms.values():  # the cost model beside every figure (CPU: copy-rate bound)
+      assert v["cost"]["bytes"] == v["bytes"] and v["cost"]["bound"] == "memory"
+      assert v["cost"]["pct_of_limit"] > 0
   table = (tmp_path / "psumbook_tiny_cpu.md").read_text()
   assert table.count("| m1v4g128 |") == len(result["cases"])

@@ -6,8 +6,11 @@ r"""Benchmark: our FP8 matmul kernels vs XLA bf16 and XLA's FP8 (cuBLASLt on Hop
 Shapes: square M = K = N in (4096, 8192, 16384) and thin GEMMs M in (1, 16, 64, 128) with
 K = N = 8192. Each method runs `--reps` times inside one jitted loop
 (`common.time_per_call`: nothing hoisted or sliced away); time per call is the median
-over `--trials`. Methods: "pallas" (Triton), "mosaic" (Hopper TMA + wgmma),
-"xla_fp8" (`jnp.dot` on f8 operands), "xla_bf16". Accuracy: relative error against the
+over `--trials`. Methods: "mosaic" (Hopper, Mosaic GPU; every M on a GPU),
+"pallas_triton" (the deprecated Triton fallback), "xla_fp8" (`jnp.dot` on f8 operands:
+cuBLASLt), "xla_bf16". Each is printed and recorded with its cost model (`cost.py`: bytes
+and FLOPs per call) and the fraction of its limit at the device's stated peak and
+bandwidth ("% of limit"). Accuracy: relative error against the
 float32 product of the unquantized operands, per scaling granularity. Writes
 `fp8_matmul_<machine>.json` and `.md` to `experiments/benchmarks/results/` (or `--out`).
 Imports jax, pallas_kernels and jaxsun.quant only.
@@ -24,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from experiments.benchmarks import common
+from experiments.benchmarks import common, cost
 from jaxsun.quant import fp8
 from pallas_kernels import fp8_matmul as fm
 GPU_SHAPES = ([(s, s, s) for s in (4096, 8192, 16384)]
@@ -43,17 +46,16 @@ def run(shapes, *, reps: int, trials: int, interpret: bool, with_mosaic: bool) -
     qb, sb = fp8.quantize(b, "e4m3", block=(k, 1))    # per output channel
     a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
     methods = {
-        "pallas": (lambda qa, sa, qb, sb: fm.fp8_matmul(qa, sa, qb, sb, backend="pallas",
-                                                        out_dtype=jnp.bfloat16,
-                                                        interpret=interpret),
-                   (qa, sa, qb, sb)),
+        "pallas_triton": (lambda qa, sa, qb, sb: fm.fp8_matmul(
+            qa, sa, qb, sb, backend="pallas_triton", out_dtype=jnp.bfloat16,
+            interpret=interpret), (qa, sa, qb, sb)),
         "xla_fp8": (lambda qa, sa, qb, sb: fm.fp8_matmul(qa, sa, qb, sb, backend="xla",
                                                          out_dtype=jnp.bfloat16),
                     (qa, sa, qb, sb)),
         "xla_bf16": (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16),
                      (a16, b16)),
     }
-    if with_mosaic and m % 128 == 0:
+    if with_mosaic:  # the wide configuration for M >= 128, the thin one below
       methods["mosaic"] = (lambda qa, sa, qb, sb: fm.fp8_matmul(
           qa, sa, qb, sb, backend="mosaic", out_dtype=jnp.bfloat16,
           interpret=interpret), (qa, sa, qb, sb))
@@ -61,14 +63,18 @@ def run(shapes, *, reps: int, trials: int, interpret: bool, with_mosaic: bool) -
     case = {"M": m, "K": k, "N": n, "methods": {}}
     for name, (fn, args) in methods.items():
       sec = common.time_per_call(fn, args, reps=reps, trials=trials)
-      case["methods"][name] = {"us": sec * 1e6, "tflop_s": flops / sec / 1e12}
+      c = (cost.bf16_gemm(m, k, n, out_bytes=2) if name == "xla_bf16"
+           else cost.fp8_gemm(m, k, n, mode="rowcol", out_bytes=2))
+      case["methods"][name] = {"us": sec * 1e6, "tflop_s": flops / sec / 1e12,
+                               "cost": cost.record(c, out["machine"]["device_kind"], sec)}
     t = {k_: v["us"] for k_, v in case["methods"].items()}
-    ours = min((x for x in t if x in ("pallas", "mosaic")), key=t.get)
+    ours = min((x for x in t if x in ("pallas_triton", "mosaic")), key=t.get)
     case.update(best_ours=ours, speedup_vs_xla_fp8=t["xla_fp8"] / t[ours],
                 speedup_vs_xla_bf16=t["xla_bf16"] / t[ours])
     out["cases"].append(case)
     print(f"M={m:5d} K={k:5d} N={n:5d}  " + "  ".join(
-        f"{x} {v['tflop_s']:8.2f} TFLOP/s" for x, v in case["methods"].items())
+        f"{x} {v['tflop_s']:8.2f} TFLOP/s ({cost.describe(v['cost'])})"
+        for x, v in case["methods"].items())
           + f"  best {ours}: x{case['speedup_vs_xla_fp8']:.2f} vs XLA fp8, "
           f"x{case['speedup_vs_xla_bf16']:.2f} vs bf16", flush=True)
   # Accuracy per scaling granularity (one mid-size problem, outlier rows).
@@ -82,7 +88,7 @@ def run(shapes, *, reps: int, trials: int, interpret: bool, with_mosaic: bool) -
       qa, sa = fp8.quantize(a, fmt_name, block=fp8.block_for(gran, a.shape, operand="lhs"))
       gb = "column" if gran == "row" else gran
       qb, sb = fp8.quantize(b, fmt_name, block=fp8.block_for(gb, b.shape, operand="rhs"))
-      y = fm.fp8_matmul(qa, sa, qb, sb, backend="pallas", interpret=interpret)
+      y = fm.fp8_matmul(qa, sa, qb, sb, backend="pallas_triton", interpret=interpret)
       row_err = jnp.linalg.norm(y - exact, axis=1) / jnp.linalg.norm(exact, axis=1)
       out["accuracy"][f"{fmt_name}_{gran}"] = {
           "mean_row_rel_err": float(jnp.mean(row_err)),
@@ -97,11 +103,18 @@ def markdown(r: dict) -> str:
   if r["interpret"]:
     lines += ["Interpret mode (CPU): timings are not kernel speed.", ""]
   names = sorted({x for c in r["cases"] for x in c["methods"]})
-  lines += ["| M | K | N | " + " | ".join(f"{x} TFLOP/s" for x in names)
+  lines += ["Each cell: TFLOP/s (% of the call's limit at the stated peak and bandwidth, "
+            "`cost.py`).", "",
+            "| M | K | N | " + " | ".join(f"{x} TFLOP/s" for x in names)
             + " | best | x vs XLA fp8 | x vs XLA bf16 |",
             "|---" * (3 + len(names) + 3) + "|"]
+
+  def cell(v):
+    pct = v.get("cost", {}).get("pct_of_limit")
+    return f"{v['tflop_s']:.2f}" + (f" ({pct:.0f}%)" if pct is not None else "")
+
   for c in r["cases"]:
-    cells = [f"{c['methods'][x]['tflop_s']:.2f}" if x in c["methods"] else "-" for x in names]
+    cells = [cell(c["methods"][x]) if x in c["methods"] else "-" for x in names]
     lines.append(f"| {c['M']} | {c['K']} | {c['N']} | " + " | ".join(cells)
                  + f" | {c['best_ours']} | {c['speedup_vs_xla_fp8']:.2f} | "
                  f"{c['speedup_vs_xla_bf16']:.2f} |")
