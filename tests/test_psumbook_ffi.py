@@ -104,6 +104,18 @@ def test_plan_fills_a_hopper_and_fits_its_shared_memory():
   assert c["dense_flops"] == 2 * 4096 * 14336 and c["grid"] == p["grid"]
 
 
+def test_per_cta_psumbook_build_costs_less_than_the_code_loads():
+  """The issue's alternative to one shared Psumbook: each CTA builds its K slice's
+  Psumbook, at a modelled cost below the time to stream the codes (H200 figures)."""
+  fmt = pg.CodebookFormat.parse("m1v4g128")
+  for batch in (1, 16):
+    for dt in ("float32", "float16"):
+      c = ffi.cost(batch, 4096, 14336, fmt, psumbook_dtype=dt)
+      build_s = 2 * c["build_entries"] * fmt.v / 67e12  # f32 FMAs on the CUDA cores
+      codes_s = c["code_bytes"] / 4.8e12
+      assert 0 < build_s < 0.5 * codes_s, (batch, dt, build_s, codes_s)
+
+
 def test_backend_ffi_through_psumbook_matmul():
   w = pg.random_quantized(jax.random.key(0), pg.CodebookFormat.parse("m1v4g128"), 256, 512)
   x = jax.random.normal(jax.random.key(1), (2, 256))
