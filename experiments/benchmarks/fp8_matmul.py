@@ -6,7 +6,8 @@ r"""Benchmark: our FP8 matmul kernels vs XLA bf16 and XLA's FP8 (cuBLASLt on Hop
 Shapes: square M = K = N in (4096, 8192, 16384) and thin GEMMs M in (1, 16, 64, 128) with
 K = N = 8192. Each method runs `--reps` times inside one jitted loop
 (`common.time_per_call`: nothing hoisted or sliced away); time per call is the median
-over `--trials`. Methods: "mosaic" (Hopper, Mosaic GPU; every M on a GPU),
+over `--trials`. Methods (`make_methods`, shared with `gpu_check.py`): "mosaic" (Hopper,
+Mosaic GPU, every M, on a weight laid out once by `mosaic.prepare_weight`),
 "pallas_triton" (the deprecated Triton fallback), "xla_fp8" (`jnp.dot` on f8 operands:
 cuBLASLt), "xla_bf16". Each is printed and recorded with its cost model (`cost.py`: bytes
 and FLOPs per call) and the fraction of its limit at the device's stated peak and
@@ -35,6 +36,45 @@ GPU_SHAPES = ([(s, s, s) for s in (4096, 8192, 16384)]
 TINY_SHAPES = [(256, 256, 256), (16, 256, 256)]
 
 
+METHODS = ("mosaic", "mosaic_per_call", "pallas_triton", "xla_fp8", "xla_fp8_tn",
+           "xla_bf16")
+
+
+def make_methods(names, qa, sa, qb, sb, a16, b16, *, interpret) -> dict:
+  """{name: (fn, args)} for `common.time_per_call`, bf16 output, names from METHODS.
+
+  "mosaic" times the kernel on a weight laid out once (`mosaic.prepare_weight`, as a
+  model stores it); "mosaic_per_call" lays it out on every call (`backend="mosaic"`).
+  "xla_fp8" is `jnp.dot` on the [K, N] weight; "xla_fp8_tn" gives cuBLASLt the K-major
+  weight it wants ("TN"), so XLA needs no layout copy: the strict baseline for "mosaic".
+  """
+  def backend(name):
+    return (lambda qa, sa, qb, sb: fm.fp8_matmul(qa, sa, qb, sb, backend=name,
+                                                 out_dtype=jnp.bfloat16,
+                                                 interpret=interpret), (qa, sa, qb, sb))
+
+  def mosaic_prepared():
+    from pallas_kernels.fp8_matmul import mosaic  # pylint: disable=import-outside-toplevel
+    w = jax.jit(mosaic.prepare_weight)(qb, sb)
+    return (lambda qa, sa, w: mosaic.fp8_matmul_mosaic_prepared(
+        qa, sa, w, out_dtype=jnp.bfloat16, interpret=interpret), (qa, sa, w))
+
+  def xla_fp8_tn():
+    def fn(qa, sa, qb_t):
+      y = lax.dot_general(qa, qb_t, (((1,), (1,)), ((), ())),
+                          preferred_element_type=jnp.float32)
+      return (y * sa.astype(jnp.float32) * sb.astype(jnp.float32)).astype(jnp.bfloat16)
+    return fn, (qa, sa, jax.jit(jnp.transpose)(qb))  # qb_t: f8[N, K]
+
+  table = {"mosaic": mosaic_prepared, "mosaic_per_call": lambda: backend("mosaic"),
+           "pallas_triton": lambda: backend("pallas_triton"),
+           "xla_fp8": lambda: backend("xla"), "xla_fp8_tn": xla_fp8_tn,
+           "xla_bf16": lambda: (lambda a, b: jnp.dot(a, b,
+                                                     preferred_element_type=jnp.bfloat16),
+                                (a16, b16))}
+  return {name: table[name]() for name in names}
+
+
 def run(shapes, *, reps: int, trials: int, interpret: bool, with_mosaic: bool) -> dict:
   out = common.environment(benchmark="fp8_matmul", interpret=interpret, reps=reps,
                            trials=trials, cases=[], accuracy={})
@@ -45,20 +85,8 @@ def run(shapes, *, reps: int, trials: int, interpret: bool, with_mosaic: bool) -
     qa, sa = fp8.quantize(a, "e4m3", block=(1, k))    # per token
     qb, sb = fp8.quantize(b, "e4m3", block=(k, 1))    # per output channel
     a16, b16 = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    methods = {
-        "pallas_triton": (lambda qa, sa, qb, sb: fm.fp8_matmul(
-            qa, sa, qb, sb, backend="pallas_triton", out_dtype=jnp.bfloat16,
-            interpret=interpret), (qa, sa, qb, sb)),
-        "xla_fp8": (lambda qa, sa, qb, sb: fm.fp8_matmul(qa, sa, qb, sb, backend="xla",
-                                                         out_dtype=jnp.bfloat16),
-                    (qa, sa, qb, sb)),
-        "xla_bf16": (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16),
-                     (a16, b16)),
-    }
-    if with_mosaic:  # the wide configuration for M >= 128, the thin one below
-      methods["mosaic"] = (lambda qa, sa, qb, sb: fm.fp8_matmul(
-          qa, sa, qb, sb, backend="mosaic", out_dtype=jnp.bfloat16,
-          interpret=interpret), (qa, sa, qb, sb))
+    names = ["pallas_triton", "xla_fp8", "xla_bf16"] + (["mosaic"] if with_mosaic else [])
+    methods = make_methods(names, qa, sa, qb, sb, a16, b16, interpret=interpret)
     flops = 2.0 * m * k * n
     case = {"M": m, "K": k, "N": n, "methods": {}}
     for name, (fn, args) in methods.items():

@@ -266,40 +266,9 @@ class Suite:
   # -- methods: {name: (fn, args)}
 
   def fp8_methods(self, m, k, n, names):
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from pallas_kernels import fp8_matmul as fm  # pylint: disable=import-outside-toplevel
-    qa, sa, qb, sb, a16, b16 = self.fp8_operands(m, k, n)
-
-    def fp8(backend):
-      return (lambda qa, sa, qb, sb: fm.fp8_matmul(qa, sa, qb, sb, backend=backend,
-                                                   out_dtype=jnp.bfloat16,
-                                                   interpret=self.interpret),
-              (qa, sa, qb, sb))
-
-    def mosaic_prepared():
-      # The weight is laid out once (K-major, padded), as a model stores it: the timed
-      # call is the kernel alone, with no per-call transpose of qb.
-      from pallas_kernels.fp8_matmul import mosaic  # pylint: disable=import-outside-toplevel
-      w = self.jax.jit(mosaic.prepare_weight)(qb, sb)
-      return (lambda qa, sa, w: mosaic.fp8_matmul_mosaic_prepared(
-          qa, sa, w, out_dtype=jnp.bfloat16, interpret=self.interpret), (qa, sa, w))
-
-    def xla_fp8_tn():
-      # cuBLASLt's FP8 GEMM wants B K-major ("TN"); given qb already transposed, XLA
-      # needs no layout copy either: the strict baseline for the prepared kernel.
-      qb_t = self.jax.jit(jnp.transpose)(qb)  # f8[N, K]
-      def fn(qa, sa, qb_t):
-        y = self.jax.lax.dot_general(qa, qb_t, (((1,), (1,)), ((), ())),
-                                     preferred_element_type=jnp.float32)
-        return (y * sa.astype(jnp.float32) * sb.astype(jnp.float32)).astype(jnp.bfloat16)
-      return fn, (qa, sa, qb_t)
-
-    table = {"mosaic": mosaic_prepared, "mosaic_per_call": lambda: fp8("mosaic"),
-             "xla_fp8": lambda: fp8("xla"), "xla_fp8_tn": xla_fp8_tn,
-             "pallas_triton": lambda: fp8("pallas_triton"),
-             "xla_bf16": lambda: (lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16),
-                                  (a16, b16))}
-    return {name: table[name]() for name in names}
+    from experiments.benchmarks import fp8_matmul  # pylint: disable=import-outside-toplevel
+    return fp8_matmul.make_methods(names, *self.fp8_operands(m, k, n),
+                                   interpret=self.interpret)
 
   def psumbook_methods(self, b, names):
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -411,7 +380,6 @@ class Suite:
 
   def fp8_square(self, deadline: float) -> dict:
     from experiments.benchmarks import cost  # pylint: disable=import-outside-toplevel
-    from pallas_kernels import fp8_matmul as fm  # pylint: disable=import-outside-toplevel
     s = FP8_SQUARE[self.mode]
     names = self.fp8_names(square=True)
     costs = {n: (cost.bf16_gemm(s, s, s) if n == "xla_bf16" else cost.fp8_gemm(s, s, s))
@@ -438,14 +406,13 @@ class Suite:
 
   def psumbook(self, b: int) -> Callable[[float], dict]:
     def run(deadline: float) -> dict:
-      from experiments.benchmarks import cost  # pylint: disable=import-outside-toplevel
+      # pylint: disable-next=import-outside-toplevel
+      from experiments.benchmarks import psumbook as psumbook_bench
       fmt, w, _, _ = self.psumbook_operands(b)
       _, k, n = PSUMBOOK[self.mode]
-      q = dict(x_bytes=4, out_bytes=4, scale_bytes=w.scales.dtype.itemsize)
-      costs = {"ffi": cost.psumbook_gemv(fmt, b, k, n, **q),
-               "gather_triton": cost.psumbook_gemv(fmt, b, k, n, **q),
-               "dequant_triton": cost.dequant_gemm(fmt, b, k, n, **q),
-               "xla_bf16": cost.bf16_gemm(b, k, n, out_bytes=4)}
+      c = psumbook_bench.costs(fmt, b, k, n, scale_bytes=w.scales.dtype.itemsize)
+      costs = {"ffi": c["psumbook_ffi"], "gather_triton": c["psumbook"],
+               "dequant_triton": c["dequant"], "xla_bf16": c["xla_bf16"]}
       targets = ([("ffi", "xla_bf16", 5.0), ("ffi", "dequant_triton", 2.0)] if b == 1
                  else [("ffi", "dequant_triton", 1.3), ("ffi", "xla_bf16", 1.0)])
       rec = self._bench(self.psumbook_methods(b, list(costs)), costs,
