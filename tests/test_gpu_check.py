@@ -68,6 +68,22 @@ def test_deadline_zero_runs_no_case_and_says_why(tmp_path):
     assert "methods" not in case and "checks" not in case
 
 
+def test_only_with_an_unknown_case_is_named_and_recorded(tmp_path):
+  # In a subprocess, as `_run`: main() points jax's compile cache at its --cache.
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmarks.gpu_check", "--cpu", "--out",
+       str(tmp_path), "--cache", str(tmp_path / "cache"), "--only",
+       "copy_bandwidth,fp8_typo"],
+      cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode != 0
+  assert "--only names no case" in proc.stderr and "'fp8_typo'" in proc.stderr, proc.stderr
+  assert "copy_bandwidth" in proc.stderr  # the valid names are listed
+  result = json.loads((tmp_path / gpu_check.JSON_NAME).read_text())
+  assert result["status"] == "bad_arguments" and "fp8_typo" in result["stop_reason"]
+  assert result["cases"] == []
+
+
 def _case(name, fn, est_s=0.0):
   return gpu_check.Case(name, "benchmark", fn, est_s)
 

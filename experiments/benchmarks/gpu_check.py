@@ -480,7 +480,13 @@ def main(argv=None) -> dict:
     suite = Suite(mode, header["machine"]["device_kind"])
     cases = suite.cases()
     if args.only:
-      only = set(args.only.split(","))
+      only = set(filter(None, args.only.split(",")))
+      unknown = sorted(only - {c.name for c in cases})
+      if unknown:  # a typo would otherwise spend a device window running nothing
+        msg = (f"--only names no case of this mode ({mode}): {unknown}; the cases are "
+               f"{[c.name for c in cases]}")
+        rec.finish("bad_arguments", msg)
+        raise SystemExit(msg)
       cases = [c for c in cases if c.name in only]
     status = run_cases(cases, rec, deadline_s=args.deadline, t0=t0,
                        raise_in=tuple(filter(None, args.raise_in.split(","))))
